@@ -239,6 +239,7 @@ def rk4(
 def check_batch(x: torch.Tensor, theta: torch.Tensor, state_shape: Sequence[int], n_params: int) -> None:
     """Raise a clear error when ``x`` / ``theta`` do not match the model's shapes."""
     if tuple(x.shape[1:]) != tuple(state_shape):
-        raise ValueError(f"state has shape {tuple(x.shape)}; expected (B, {', '.join(map(str, state_shape))})")
+        want = ", ".join(map(str, state_shape))
+        raise ValueError(f"state has shape {tuple(x.shape)}; expected (B, {want})")
     if theta.ndim != 2 or theta.shape[0] != x.shape[0] or theta.shape[1] != n_params:
         raise ValueError(f"theta has shape {tuple(theta.shape)}; expected ({x.shape[0]}, {n_params})")

@@ -1,0 +1,232 @@
+"""Validated stage configs loaded from YAML.
+
+Every stage has one pydantic model; unknown keys, wrong types and out-of-range values are
+rejected, and :func:`load_config` turns the first error into one line that names the file and
+the key (``ConfigError``). Example configs ship in ``pipeline/configs/`` and double as the config
+reference: each key is commented there.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kernels.dynamics import MODEL_NAMES, default_size, model_class
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming the file and key."""
+
+
+class Strict(BaseModel):
+    """Base for every config section: no unknown keys, no silent type coercion, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+DType = Literal["float32", "float64"]
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+class ModelConfig(Strict):
+    """Which dynamical model, at what size, with which parameter values."""
+
+    name: Literal[MODEL_NAMES]  # type: ignore[valid-type]
+    size: PosInt | None = None
+    params: dict[str, float] = Field(default_factory=dict)
+    dt: Annotated[float, Field(gt=0)] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _ints_are_floats(cls, v: Any) -> Any:
+        # YAML writes 8 for 8.0; strict mode would otherwise reject an int inside the dict.
+        if isinstance(v, dict):
+            return {k: float(x) if isinstance(x, int) and not isinstance(x, bool) else x
+                    for k, x in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _check_against_model(self) -> ModelConfig:
+        cls = model_class(self.name)
+        known = {p.name: p for p in cls.params}
+        for key, value in self.params.items():
+            if key not in known:
+                raise _field_error(("params", key), f"{self.name} has no parameter {key!r} "
+                                   f"(known: {', '.join(known)})")
+            p = known[key]
+            if not (p.lower < value < p.upper) or (p.transform == "log" and value <= 0):
+                raise _field_error(("params", key), f"{value} is outside ({p.lower}, {p.upper})")
+        sig = inspect.signature(cls.__init__)
+        allowed = {n for n, q in sig.parameters.items() if q.kind is q.KEYWORD_ONLY}
+        for key in self.options:
+            if key not in allowed:
+                raise _field_error(("options", key), f"{self.name} has no option {key!r} "
+                                   f"(known: {', '.join(sorted(allowed)) or 'none'})")
+        try:
+            model = self.build()
+        except (TypeError, ValueError) as exc:
+            raise _field_error(("size" if self.size is not None else "options",), str(exc)) from None
+        # resolve defaults so that the config stored beside an output is complete
+        if self.size is None:
+            object.__setattr__(self, "size", default_size(self.name))
+        if self.dt is None:
+            object.__setattr__(self, "dt", float(model.default_dt))
+        return self
+
+    def build(self):  # -> Dynamics (kept untyped to avoid importing torch types here)
+        """Construct the model object."""
+        from kernels.dynamics import get_model
+
+        return get_model(self.name, self.size, **self.options)
+
+
+class SimulateConfig(Strict):
+    """``scoreda simulate``: integrate an ensemble of one model and store the trajectories."""
+
+    stage: Literal["simulate"] = "simulate"
+    model: ModelConfig
+    members: PosInt = 1
+    steps: PosInt = 100
+    save_every: PosInt = 1
+    spinup: NonNegInt = 0
+    seed: NonNegInt = 0
+    theta: Literal["truth", "prior"] = "truth"
+    dtype: DType = "float32"
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"must be cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _steps_multiple(self) -> SimulateConfig:
+        if self.steps % self.save_every:
+            raise _field_error(("steps",), f"{self.steps} is not a multiple of save_every "
+                               f"({self.save_every})")
+        return self
+
+
+STAGES: dict[str, type[Strict]] = {"simulate": SimulateConfig}
+
+
+class _FieldError(ValueError):
+    def __init__(self, loc: tuple[str, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+
+
+def _field_error(loc: tuple[str, ...], msg: str) -> _FieldError:
+    return _FieldError(loc, msg)
+
+
+def _format(err: ValidationError, source: str, prefix: tuple[str | int, ...] = ()) -> str:
+    e = err.errors(include_url=False)[0]
+    loc = tuple(e.get("loc", ()))
+    msg = e.get("msg", "invalid")
+    ctx_err = (e.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _FieldError):
+        loc, msg = loc + ctx_err.loc, str(ctx_err)
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    key = ".".join(str(p) for p in prefix + loc) or "<top>"
+    if e.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    elif e.get("type") == "missing":
+        msg = "required key is missing"
+    elif "input" in e and e["type"] not in ("model_type", "dict_type") and not isinstance(
+        e["input"], dict
+    ):
+        msg = f"{msg} (got {e['input']!r})"
+    return f"{source}: {key}: {msg}"
+
+
+def validate(data: Any, schema: type[Strict], source: str = "<config>") -> Strict:
+    """Validate a mapping against ``schema``; raise ``ConfigError`` with a one-line message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        raise ConfigError(f"{path}: empty config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_config(path: str | Path, stage: str | None = None) -> Strict:
+    """Load and validate a stage config; ``stage`` (if given) must match its ``stage`` key."""
+    data = load_yaml(path)
+    name = data.get("stage", stage)
+    if name not in STAGES:
+        raise ConfigError(f"{path}: stage: must be one of {', '.join(STAGES)} (got {name!r})")
+    if stage is not None and name != stage:
+        raise ConfigError(f"{path}: stage: this command needs a {stage!r} config (got {name!r})")
+    return validate(data, STAGES[name], str(path))
+
+
+def dump(cfg: Strict) -> str:
+    """The resolved config as YAML (defaults filled in), to store beside every output."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# shipped example configs
+def example_names() -> list[str]:
+    """Names of the example configs shipped inside the package."""
+    files = resources.files("pipeline") / "configs"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def example_path(name: str) -> Path:
+    """Path of a shipped example config by name (with or without ``.yaml``)."""
+    name = name[:-5] if name.endswith(".yaml") else name
+    path = Path(str(resources.files("pipeline") / "configs" / f"{name}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"no example config {name!r}; known: {', '.join(example_names())}")
+    return path
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config argument is a file path, or else the name of a shipped example."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    if p.suffix in (".yaml", ".yml") and (p.parent != Path(".") or p.exists()):
+        raise ConfigError(f"{p}: no such config file")
+    return example_path(name_or_path)

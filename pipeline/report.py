@@ -1,0 +1,66 @@
+"""Figures from stored datasets (PNG, matplotlib's Agg backend; no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from pipeline.storage import write_bytes_atomic  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes_atomic(Path(path), buf.getvalue())
+
+
+def plot_vorticity(ds: xr.Dataset, path: str | Path, member: int = 0, frames: int = 4) -> None:
+    """Vorticity snapshots of one member at ``frames`` evenly spaced saved times."""
+    w = ds["vorticity"].isel(member=member)
+    idx = np.linspace(0, w.sizes["time"] - 1, frames).round().astype(int)
+    lim = float(np.abs(w.isel(time=idx).values).max())
+    fig, axes = plt.subplots(1, frames, figsize=(3.2 * frames, 3.3), constrained_layout=True)
+    for ax, i in zip(np.atleast_1d(axes), idx, strict=True):
+        im = ax.imshow(w.isel(time=int(i)).values, origin="lower", cmap="RdBu_r", vmin=-lim,
+                       vmax=lim, extent=(0, 2 * np.pi, 0, 2 * np.pi))
+        ax.set_title(f"t = {float(w.time[int(i)]):.2f}")
+        ax.set_xlabel("x")
+    np.atleast_1d(axes)[0].set_ylabel("y")
+    theta = ", ".join(f"{p}={float(ds['theta'].sel(param=p)[member]):.3g}"
+                      for p in ds["param"].values)
+    fig.suptitle(f"Kolmogorov flow vorticity, member {member} ({theta})")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="vorticity")
+    _save(fig, Path(path))
+
+
+def plot_hovmoller(ds: xr.Dataset, path: str | Path, var: str | None = None,
+                   member: int = 0) -> None:
+    """Space–time (Hovmöller) diagram of one member and the ensemble spread over time."""
+    var = var or next(v for v in ds.data_vars if not str(v).startswith("theta"))
+    da = ds[var]
+    space = [d for d in da.dims if d not in ("member", "time")][0]
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True,
+                                 gridspec_kw={"width_ratios": [3, 1.2]})
+    x = da.isel(member=member).transpose("time", space).values
+    lim = float(np.abs(x).max())
+    im = a0.imshow(x, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim,
+                   extent=(-0.5, da.sizes[space] - 0.5, float(da.time[0]), float(da.time[-1])))
+    a0.set_xlabel(space)
+    a0.set_ylabel("time")
+    a0.set_title(f"{ds.attrs.get('model', '')} {var}, member {member}")
+    fig.colorbar(im, ax=a0, label=var)
+    spread = da.std("member").mean(space)
+    a1.plot(spread.values, da.time.values)
+    a1.set_xlabel("ensemble spread")
+    a1.set_ylim(float(da.time[0]), float(da.time[-1]))
+    a1.set_title(f"{da.sizes['member']} members")
+    _save(fig, Path(path))

@@ -1,0 +1,123 @@
+"""Writing labelled datasets safely: never overwrite by accident, never leave half a file.
+
+Every output is first written under a temporary name in the same directory and then renamed
+into place, so a crash leaves either the old output or the new one. The resolved config is
+written beside it (``<stem>.config.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import xarray as xr
+
+SUFFIXES = (".nc", ".zarr")
+
+
+class OutputError(ValueError):
+    """An output path that cannot be written (one-line message naming the path)."""
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """Validate an output path before any work is done."""
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise OutputError(f"{path}: output must end in .nc (netCDF4) or .zarr (Zarr v3)")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"{parent}: not a directory")
+    return path
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` for a temporary sibling of ``path``, then move it into place.
+
+    For an existing ``path`` (overwrite) the old output is moved aside first and removed only
+    after the new one is in place.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = tmpdir / path.name
+    try:
+        write(tmp)
+        if tmp.is_file():
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if path.exists():
+            old = tmpdir / (path.name + ".old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            _remove(old)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file atomically."""
+    def _w(tmp: Path) -> None:
+        tmp.write_text(text)
+    atomic_write(path, _w)
+
+
+def config_path_for(out: Path) -> Path:
+    """Where the resolved config of output ``out`` is stored."""
+    return out.with_name(out.stem + ".config.yaml")
+
+
+def write_dataset(ds: xr.Dataset, out: Path, config_yaml: str | None = None) -> None:
+    """Write ``ds`` to ``out`` (.nc via netCDF4 or .zarr as Zarr v3), atomically.
+
+    Float variables are compressed (zlib for netCDF4; Zarr v3's default Zstd codec).
+    """
+    def _write(tmp: Path) -> None:
+        if out.suffix == ".nc":
+            enc = {k: {"zlib": True, "complevel": 4} for k, v in ds.data_vars.items()
+                   if v.dtype.kind == "f"}
+            ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=enc)
+        else:
+            ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+
+    atomic_write(out, _write)
+    if config_yaml is not None:
+        write_text_atomic(config_path_for(out), config_yaml)
+
+
+def open_dataset(path: str | Path) -> xr.Dataset:
+    """Open a stored dataset (.nc or .zarr) lazily."""
+    path = Path(path)
+    if not path.exists():
+        raise OutputError(f"{path}: no such dataset")
+    if path.suffix == ".zarr":
+        return xr.open_zarr(path, consolidated=False)
+    return xr.open_dataset(path, engine="netcdf4")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a small binary file (e.g. a PNG) atomically."""
+    def _w(tmp: Path) -> None:
+        tmp.write_bytes(data)
+    atomic_write(path, _w)
