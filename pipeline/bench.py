@@ -213,9 +213,21 @@ def format_table(entries: list[Entry]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
+#: modules that register further suites with ``@suite`` when imported
+SUITE_MODULES: list[str] = []
+
+
+def _load_suites() -> None:
+    from importlib import import_module
+
+    for module in SUITE_MODULES:
+        import_module(module)
+
+
 def run_bench(names: list[str] | None = None, json_path: str | None = None, quick: bool = False,
               repeats: int = 5, device: str = "cpu") -> dict[str, Any]:
     """Run the named suites (all when empty), print a table and optionally write JSON."""
+    _load_suites()
     names = list(names or SUITES)
     unknown = [n for n in names if n not in SUITES]
     if unknown:

@@ -79,6 +79,16 @@ def test_bad_shapes_are_reported():
         Lorenz96(3)
 
 
+@pytest.mark.parametrize("d,tile", [(40, 16), (1000, 300), (257, 64), (16, 25_000)])
+def test_tiled_step_equals_rolled_step(d, tile):
+    from kernels.dynamics.lorenz96 import l96_rk4_step, l96_rk4_step_tiled
+
+    x = torch.randn(3, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d)) + 8
+    forcing = torch.tensor([[8.0], [6.0], [10.0]], dtype=torch.float64)
+    torch.testing.assert_close(l96_rk4_step_tiled(x, forcing, 0.05, tile),
+                               l96_rk4_step(x, forcing, 0.05), rtol=1e-14, atol=1e-13)
+
+
 @pytest.mark.slow
 def test_compiled_step_matches_eager():
     x = torch.randn(3, 4096, dtype=torch.float32, generator=torch.Generator().manual_seed(0)) + 8
