@@ -49,5 +49,7 @@ def rank() -> int:
 def progress(total: int, desc: str, unit: str = "step", **kw: Any) -> tqdm:
     """A rank-0 progress bar on stderr that appears only when the work outlasts two seconds."""
     disable = rank() != 0 or os.environ.get("SCOREDA_NO_PROGRESS") == "1"
-    return tqdm(total=total, desc=desc, unit=unit, delay=2.0, disable=disable,
-                dynamic_ncols=True, leave=False, **kw)
+    # in a log file (batch jobs) a redraw is a new line: redraw rarely there
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, desc=desc, unit=unit, delay=2.0, disable=disable, file=sys.stderr,
+                mininterval=interval, dynamic_ncols=True, leave=False, **kw)
