@@ -16,12 +16,15 @@ fi
 stamp="$venv/.scoreda-requirements.sha256"
 want="$(cat env/requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[setup] installing pinned requirements"
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    echo "[setup] installing pinned requirements (log: $venv/setup.log)"
+    log="$venv/setup.log"
+    : > "$log"
+    pipi() { "$venv/bin/python" -m pip install --quiet "$@" >>"$log" 2>&1 || { tail -n 30 "$log" >&2; exit 1; }; }
+    pipi --upgrade pip
     # torch first and alone, so that no other package's open range pulls a CUDA build.
-    "$venv/bin/python" -m pip install --quiet "$(grep -E '^torch==' env/requirements.txt)"
-    "$venv/bin/python" -m pip install --quiet -r env/requirements.txt
-    "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+    pipi "$(grep -E '^torch==' env/requirements.txt)"
+    pipi -r env/requirements.txt
+    pipi --no-deps --no-build-isolation -e .
     # PYTHONDONTWRITEBYTECODE may be set: byte-compile once so CLI start-up stays fast.
     "$venv/bin/python" -m compileall -q "$venv/lib" >/dev/null 2>&1 || true
     echo "$want" > "$stamp"

@@ -230,3 +230,120 @@ def resolve_config_path(name_or_path: str) -> Path:
     if p.suffix in (".yaml", ".yml") and (p.parent != Path(".") or p.exists()):
         raise ConfigError(f"{p}: no such config file")
     return example_path(name_or_path)
+
+
+# --------------------------------------------------------------------------------------------
+# generate: trajectory stores (pipeline/generate.py, pipeline/store.py)
+class ThetaConfig(Strict):
+    """How each trajectory's θ is chosen.
+
+    ``prior``: drawn once per trajectory from the model's prior (stream ``(seed, "theta", j)``).
+    ``fixed``: the truth values with ``model.params`` overrides, the same for every trajectory.
+    ``walk``: starts as ``start`` says, then follows a random walk in the unconstrained space,
+    one increment per saved interval (stream ``(seed, "walk", j)``): the "roughening" dynamics
+    of parameter particles, so that training windows see θ as part of an augmented state.
+    """
+
+    mode: Literal["prior", "fixed", "walk"] = "prior"
+    start: Literal["prior", "fixed"] = "prior"
+    walk_std: Annotated[float, Field(ge=0)] = 0.02
+    walk_reversion: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+class StoreConfig(Strict):
+    """Layout of the Zarr v3 store: stored grids, shards (unit of writing), chunks (of reading)."""
+
+    grids: list[PosInt] | None = None
+    trajectories_per_shard: PosInt = 4
+    shard_frames: PosInt | None = None
+    chunk_frames: PosInt = 8
+    codec: Literal["zstd", "blosc-zstd"] = "blosc-zstd"
+    level: Annotated[int, Field(ge=1, le=22)] = 3
+
+
+class SplitConfig(Strict):
+    """Fractions of trajectories in the validation and test splits (the rest is training)."""
+
+    valid: Annotated[float, Field(ge=0, le=1)] = 0.1
+    test: Annotated[float, Field(ge=0, le=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitConfig:
+        if self.valid + self.test > 1:
+            raise _field_error(("test",), f"valid + test = {self.valid + self.test} exceeds 1")
+        return self
+
+
+class DaskConfig(Strict):
+    """Where the work runs; none of it changes the stored numbers (not part of the config hash)."""
+
+    workers: PosInt | None = None
+    threads_per_worker: PosInt = 1
+    scheduler: str | None = None
+    dashboard: str = ":8787"
+    memory_limit: str = "auto"
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(tcp|tls|inproc|ucx|ws|wss)://\S+$", v):
+            raise ValueError(f"must be a scheduler address like tcp://host:8786, got {v!r}")
+        return v
+
+
+class GenerateConfig(Strict):
+    """``scoreda generate``: many trajectories into one sharded Zarr v3 store, with Dask."""
+
+    stage: Literal["generate"] = "generate"
+    model: ModelConfig
+    out: str | None = None
+    trajectories: PosInt = 8
+    frames: PosInt = 16
+    save_every: PosInt = 1
+    spinup: NonNegInt = 0
+    seed: NonNegInt = 0
+    theta: ThetaConfig = Field(default_factory=ThetaConfig)
+    dtype: DType = "float32"
+    device: str = "cpu"
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"must be cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _layout(self) -> GenerateConfig:
+        st = self.store
+        if self.trajectories % st.trajectories_per_shard:
+            raise _field_error(("store", "trajectories_per_shard"),
+                               f"{st.trajectories_per_shard} does not divide trajectories "
+                               f"({self.trajectories})")
+        shard_frames = st.shard_frames or self.frames
+        if self.frames % shard_frames:
+            raise _field_error(("store", "shard_frames"),
+                               f"{shard_frames} does not divide frames ({self.frames})")
+        if shard_frames % st.chunk_frames:
+            raise _field_error(("store", "chunk_frames"),
+                               f"{st.chunk_frames} does not divide the frames per shard "
+                               f"({shard_frames})")
+        size = int(self.model.size)  # resolved by ModelConfig
+        for g in st.grids or []:
+            if size % g:
+                raise _field_error(("store", "grids"),
+                                   f"stored grid {g} does not divide the simulated size {size}")
+        if st.grids is not None and len(set(st.grids)) != len(st.grids):
+            raise _field_error(("store", "grids"), f"repeated grid size in {st.grids}")
+        if st.grids is not None and not st.grids:
+            raise _field_error(("store", "grids"), "give at least one grid size")
+        if self.theta.mode == "walk" and self.theta.walk_std == 0:
+            raise _field_error(("theta", "walk_std"), "must be > 0 for mode 'walk'")
+        return self
+
+
+STAGES["generate"] = GenerateConfig
+

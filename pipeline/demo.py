@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.config import SimulateConfig, load_config, resolve_config_path
+from pipeline.config import GenerateConfig, SimulateConfig, load_config, resolve_config_path
+from pipeline.generate import generate
 from pipeline.report import plot_hovmoller, plot_vorticity
 from pipeline.simulate import simulate
 
@@ -18,7 +19,8 @@ def _say(msg: str) -> None:
 
 
 def run_demo(out: Path) -> None:
-    """Simulate a Kolmogorov flow and a Lorenz-96 ensemble and plot them into ``out``."""
+    """Simulate a Kolmogorov flow and a Lorenz-96 ensemble, plot them, and generate a small
+    sharded trajectory store, all into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -35,4 +37,10 @@ def run_demo(out: Path) -> None:
     ds = simulate(cfg, out / "lorenz96.nc", overwrite=True)
     plot_hovmoller(ds, out / "lorenz96_hovmoller.png")
     _say(f"wrote {out / 'lorenz96.nc'} and {out / 'lorenz96_hovmoller.png'}")
+
+    gcfg = load_config(resolve_config_path("generate_demo"), "generate")
+    assert isinstance(gcfg, GenerateConfig)
+    _say(f"generate {gcfg.trajectories} {gcfg.model.name} trajectories into a sharded Zarr store "
+         f"with a Dask LocalCluster")
+    generate(gcfg, out / "kolmogorov_demo.zarr", overwrite=True, echo=_say)
     _say(f"done in {time.perf_counter() - t0:.1f} s")
