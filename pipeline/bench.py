@@ -214,7 +214,7 @@ def format_table(entries: list[Entry]) -> str:
 
 
 #: modules that register further suites with ``@suite`` when imported
-SUITE_MODULES: list[str] = ["pipeline.bench_generate"]
+SUITE_MODULES: list[str] = ["pipeline.bench_generate", "pipeline.bench_filters"]
 
 
 def _load_suites() -> None:

@@ -347,3 +347,153 @@ class GenerateConfig(Strict):
 
 STAGES["generate"] = GenerateConfig
 
+
+# --------------------------------------------------------------------------------------------
+# assimilate: single-process twin experiments (pipeline/assimilate.py)
+class ObservationConfig(Strict):
+    """The observation network: operator, nonlinearity, noise and frequency."""
+
+    kind: Literal["identity", "every_kth", "random_mask", "coarse_pool"] = "identity"
+    options: dict[str, Any] = Field(default_factory=dict)
+    nonlinearity: Literal["arctan", "saturation"] | None = None
+    sigma: Annotated[float, Field(gt=0)] = 1.0
+    every: PosInt = 1
+
+    @field_validator("sigma", mode="before")
+    @classmethod
+    def _int_sigma(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class PriorSpec(Strict):
+    """Prior of one estimated parameter: ``uniform: [lo, hi]`` in the natural space, or
+    ``normal: [loc, scale]`` in the unconstrained space."""
+
+    uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    normal: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+
+    @field_validator("uniform", "normal", mode="before")
+    @classmethod
+    def _floats(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> PriorSpec:
+        if (self.uniform is None) == (self.normal is None):
+            raise _field_error(("uniform",), "give exactly one of uniform or normal")
+        if self.uniform is not None and not self.uniform[0] < self.uniform[1]:
+            raise _field_error(("uniform",), f"lower bound {self.uniform[0]} is not below {self.uniform[1]}")
+        if self.normal is not None and not self.normal[1] > 0:
+            raise _field_error(("normal",), f"scale {self.normal[1]} must be positive")
+        return self
+
+
+class ParametersConfig(Strict):
+    """Which parameters are unknown (θ particles) and how they are treated."""
+
+    estimate: list[str] = Field(default_factory=list)
+    prior: dict[str, PriorSpec] = Field(default_factory=dict)
+    roughening: Annotated[float, Field(ge=0)] = 0.0
+    roughening_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class EnSFConfig(Strict):
+    """EnSF tuning (kernels/ensf.py documents each knob and the measurements behind it)."""
+
+    steps: PosInt = 100
+    eps_alpha: Annotated[float, Field(gt=0, le=1)] = 0.05
+    eps_beta: Annotated[float, Field(ge=0, le=1)] = 0.0
+    estimator: Literal["paired", "mixture", "gm", "gaussian"] = "gaussian"
+    likelihood: Literal["damped", "denoised"] = "denoised"
+    mixture_size: PosInt | None = None
+    gm_bandwidth: Annotated[float, Field(gt=0)] = 1.0
+    gm_shrink: bool = False
+    sampler: Literal["sde", "ode"] = "sde"
+    score_clip: Annotated[float, Field(gt=0)] | None = 50.0
+    init: Literal["noise", "prior"] = "prior"
+    coupling: Literal["none", "regression"] = "regression"
+    # relative ridge of the θ regression: with fewer members than observed components a small
+    # ridge fits the θ anomalies exactly and collapses their spread in a few cycles (measured)
+    ridge: Annotated[float, Field(ge=0)] = 1.0
+
+
+class FilterConfig(Strict):
+    """The analysis method and its tuning."""
+
+    method: Literal["ensf", "letkf", "enkf"] = "letkf"
+    inflation: Annotated[float, Field(ge=1)] = 1.0
+    rtps: Annotated[float, Field(ge=0, le=1)] = 0.0
+    radius: Annotated[float, Field(gt=0)] | None = None
+    ensf: EnSFConfig = Field(default_factory=EnSFConfig)
+
+
+class InitialEnsembleConfig(Strict):
+    """Initial ensemble: the truth's initial state plus N(0, spread²) noise per member."""
+
+    spread: Annotated[float, Field(ge=0)] = 1.0
+
+
+class AssimilateConfig(Strict):
+    """``scoreda assimilate``: a twin experiment — truth run, synthetic observations, cycling."""
+
+    stage: Literal["assimilate"] = "assimilate"
+    model: ModelConfig
+    members: Annotated[int, Field(ge=2)] = 20
+    cycles: PosInt = 100
+    burn_in: NonNegInt = 0
+    truth_spinup: NonNegInt = 1000
+    seed: NonNegInt = 0
+    dtype: DType = "float64"
+    device: str = "cpu"
+    observation: ObservationConfig = Field(default_factory=ObservationConfig)
+    parameters: ParametersConfig = Field(default_factory=ParametersConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    initial: InitialEnsembleConfig = Field(default_factory=InitialEnsembleConfig)
+    store_states: bool | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"must be cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> AssimilateConfig:
+        if self.burn_in >= self.cycles:
+            raise _field_error(("burn_in",), f"{self.burn_in} leaves no cycles to score "
+                                             f"(cycles = {self.cycles})")
+        names = model_class(self.model.name).params
+        known = {p.name: p for p in names}
+        est = self.parameters.estimate
+        for i, name in enumerate(est):
+            if name not in known:
+                raise _field_error(("parameters", "estimate", str(i)),
+                                   f"{self.model.name} has no parameter {name!r} "
+                                   f"(known: {', '.join(known)})")
+        if len(set(est)) != len(est):
+            raise _field_error(("parameters", "estimate"), f"repeated name in {est}")
+        for name, spec in self.parameters.prior.items():
+            if name not in est:
+                raise _field_error(("parameters", "prior", name),
+                                   f"{name!r} is not in parameters.estimate")
+            p = known[name]
+            if spec.uniform is not None and p.transform == "log" and spec.uniform[0] <= 0:
+                raise _field_error(("parameters", "prior", name, "uniform"),
+                                   f"{name} is positive; lower bound {spec.uniform[0]} must be > 0")
+        try:
+            from kernels.observe import make_operator
+
+            model = self.model.build()
+            obs = self.observation
+            make_operator(obs.kind, model.state_shape, nonlinearity=obs.nonlinearity, **obs.options)
+        except ValueError as exc:
+            raise _field_error(("observation", "options"), str(exc)) from None
+        if self.filter.method == "letkf" and self.members < 3:
+            raise _field_error(("members",), "LETKF needs at least 3 members")
+        return self
+
+
+STAGES["assimilate"] = AssimilateConfig

@@ -8,7 +8,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.config import GenerateConfig, SimulateConfig, load_config, resolve_config_path
+from pipeline.assimilate import assimilate, summary_lines
+from pipeline.config import (
+    AssimilateConfig,
+    GenerateConfig,
+    SimulateConfig,
+    load_config,
+    resolve_config_path,
+)
 from pipeline.generate import generate
 from pipeline.report import plot_hovmoller, plot_vorticity
 from pipeline.simulate import simulate
@@ -19,8 +26,8 @@ def _say(msg: str) -> None:
 
 
 def run_demo(out: Path) -> None:
-    """Simulate a Kolmogorov flow and a Lorenz-96 ensemble, plot them, and generate a small
-    sharded trajectory store, all into ``out``."""
+    """Simulate a Kolmogorov flow and a Lorenz-96 ensemble, plot them, generate a small sharded
+    trajectory store, and run a Lorenz-96 twin experiment that estimates F; all into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -43,4 +50,13 @@ def run_demo(out: Path) -> None:
     _say(f"generate {gcfg.trajectories} {gcfg.model.name} trajectories into a sharded Zarr store "
          f"with a Dask LocalCluster")
     generate(gcfg, out / "kolmogorov_demo.zarr", overwrite=True, echo=_say)
+
+    acfg = load_config(resolve_config_path("assimilate_l96_theta"), "assimilate")
+    assert isinstance(acfg, AssimilateConfig)
+    _say(f"twin experiment: lorenz96 d={acfg.model.size}, {acfg.filter.method}, {acfg.members} "
+         f"members, {acfg.cycles} cycles, estimating {', '.join(acfg.parameters.estimate)}")
+    ds = assimilate(acfg, out / "twin_l96_theta.nc", overwrite=True)
+    for line in summary_lines(ds):
+        _say(line)
+    _say(f"wrote {out / 'twin_l96_theta.nc'} and {out / 'twin_l96_theta_metrics.png'}")
     _say(f"done in {time.perf_counter() - t0:.1f} s")

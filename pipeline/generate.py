@@ -43,6 +43,7 @@ from pipeline.config import (
     resolve_config_path,
     validate,
 )
+from pipeline.runtime import progress
 from pipeline.simulate import DivergenceError
 
 EXIT_BAD_INPUT = 2
@@ -295,14 +296,6 @@ class GenerateResult:
     blocks_run: list[int] = field(default_factory=list)
 
 
-def _progress_bar(total: int, desc: str) -> Any:
-    # not runtime.progress: under dask-mpi the driver is rank 1 and should still show the bar
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="traj", delay=2.0, dynamic_ncols=True, leave=False,
-                disable=os.environ.get("SCOREDA_NO_PROGRESS") == "1")
-
-
 def generate(cfg: GenerateConfig, out: str | Path | None = None, overwrite: bool = False,
              client: Any | None = None, echo: Any = print) -> GenerateResult:
     """Generate (or resume) the store that ``cfg`` describes.
@@ -357,7 +350,8 @@ def _run_tasks(client: Any, cfg: GenerateConfig, path: Path, lay: st.Layout,
     tag = st.config_hash(cfg)[:10]
     futures = [client.submit(run_block, cfg, str(path), b, skip, key=f"generate-{tag}-block-{b}",
                              retries=0) for b, skip in todo.items()]
-    with _progress_bar(len(todo) * lay.per_shard, "generate") as bar:
+    # under dask-mpi the driver is rank 1 and should still show the bar
+    with progress(len(todo) * lay.per_shard, "generate", unit="traj", any_rank=True) as bar:
         try:
             for fut in as_completed(futures):
                 r = fut.result()

@@ -64,3 +64,33 @@ def plot_hovmoller(ds: xr.Dataset, path: str | Path, var: str | None = None,
     a1.set_ylim(float(da.time[0]), float(da.time[-1]))
     a1.set_title(f"{da.sizes['member']} members")
     _save(fig, Path(path))
+
+
+def plot_assimilation(ds: xr.Dataset, path: str | Path) -> None:
+    """RMSE and spread per cycle, and each estimated θ with its 90% interval against the truth."""
+    names = list(ds["param"].values) if "param" in ds.coords else []
+    rows = 1 + len(names)
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 2.8 * rows), constrained_layout=True,
+                             sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    t = ds["time"].values
+    ax.semilogy(t, ds["rmse_f"], color="0.6", lw=0.8, label="forecast RMSE")
+    ax.semilogy(t, ds["rmse_a"], color="C0", lw=1.0, label="analysis RMSE")
+    ax.semilogy(t, ds["spread_a"], color="C1", lw=1.0, ls="--", label="analysis spread")
+    burn = int(ds.attrs.get("burn_in", 0))
+    if burn:
+        ax.axvline(t[burn], color="k", lw=0.6, ls=":")
+    ax.set_ylabel("error")
+    ax.set_title(f"{ds.attrs.get('model', '')} {ds.attrs.get('method', '')}: mean analysis RMSE "
+                 f"{ds.attrs.get('rmse_a_mean', float('nan')):.3f} after burn-in")
+    ax.legend(loc="upper right", fontsize=8)
+    for k, name in enumerate(names):
+        ax = axes[k + 1, 0]
+        ax.fill_between(t, ds["theta_q05"].isel(param=k), ds["theta_q95"].isel(param=k),
+                        color="C2", alpha=0.3, label="90% interval")
+        ax.plot(t, ds["theta_mean"].isel(param=k), color="C2", label="posterior mean")
+        ax.axhline(float(ds["theta_truth"].isel(param=k)), color="k", lw=1, ls="--", label="truth")
+        ax.set_ylabel(str(name))
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel("time")
+    _save(fig, Path(path))

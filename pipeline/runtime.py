@@ -46,9 +46,13 @@ def rank() -> int:
     return 0
 
 
-def progress(total: int, desc: str, unit: str = "step", **kw: Any) -> tqdm:
-    """A rank-0 progress bar on stderr that appears only when the work outlasts two seconds."""
-    disable = rank() != 0 or os.environ.get("SCOREDA_NO_PROGRESS") == "1"
+def progress(total: int, desc: str, unit: str = "step", *, any_rank: bool = False,
+             **kw: Any) -> tqdm:
+    """A rank-0 progress bar on stderr that appears only when the work outlasts two seconds.
+
+    ``any_rank=True`` shows it on whichever rank calls (the dask-mpi driver runs on rank 1).
+    """
+    disable = (not any_rank and rank() != 0) or os.environ.get("SCOREDA_NO_PROGRESS") == "1"
     # in a log file (batch jobs) a redraw is a new line: redraw rarely there
     interval = 0.1 if sys.stderr.isatty() else 30.0
     return tqdm(total=total, desc=desc, unit=unit, delay=2.0, disable=disable, file=sys.stderr,

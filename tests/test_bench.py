@@ -26,3 +26,10 @@ def test_entry_target_and_table():
     assert e.ratio == 3.0 and e.met is False
     assert "NOT met" in format_table([e])
     assert Entry("s", "y", 1.0, "f", 1.0).met is None
+
+
+def test_filters_suite_quick():
+    result = run_bench(["filters"], quick=True, repeats=1)
+    names = [e["name"] for e in result["entries"]]
+    assert any("ensf paired" in n for n in names) and any(n.startswith("letkf") for n in names)
+    assert all(e["ratio"] > 0 for e in result["entries"])
