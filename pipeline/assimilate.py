@@ -125,7 +125,7 @@ class Twin:
         n = st.ensemble.shape[0]
         k = cfg.observation.every
         with torch.no_grad():
-            truth = m.advance(st.truth, self.truth_theta, k, self.dt)
+            truth = self._shock(m.advance(st.truth, self.truth_theta, k, self.dt), c)
             ens = m.advance(st.ensemble, st.theta, k, self.dt)
             self._check_finite(ens, c, "forecast")
             y = add_noise(self.op(truth)[0], self.sigma, generator(cfg.seed, c, "obs"))
@@ -148,6 +148,18 @@ class Twin:
             u_r = roughen(u_a, std, [generator(cfg.seed, c, i, "roughen") for i in range(n)])
             theta_a[:, self.est_idx] = self._from_u(u_r)
         return TwinState(truth, ens_a, theta_a, c + 1), rec
+
+    def _shock(self, truth: torch.Tensor, cycle: int) -> torch.Tensor:
+        """Apply this cycle's unmodelled shock to the truth ``(1, *state_shape)``, if any."""
+        sh = self.cfg.shocks
+        if sh.probability <= 0:
+            return truth
+        g = generator(self.cfg.seed, cycle, "shock")
+        if float(torch.rand((), generator=g, dtype=torch.float64)) >= sh.probability:
+            return truth
+        hit = torch.rand(truth.shape, generator=g, dtype=torch.float64) < sh.fraction
+        jump = sh.amplitude * torch.randn(truth.shape, generator=g, dtype=torch.float64)
+        return truth + (hit * jump).to(truth)
 
     def _from_u(self, u: torch.Tensor) -> torch.Tensor:
         cols = [self.model.params[j].from_unconstrained(u[:, k]) for k, j in enumerate(self.est_idx)]

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -41,6 +42,15 @@ PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 DType = Literal["float32", "float64"]
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+def _check_device(v: str) -> str:
+    if not _DEVICE.match(v):
+        raise ValueError(f"must be cpu, cuda, cuda:N or mps, got {v!r}")
+    return v
+
+
+Device = Annotated[str, AfterValidator(_check_device)]
 
 
 class ModelConfig(Strict):
@@ -108,14 +118,7 @@ class SimulateConfig(Strict):
     seed: NonNegInt = 0
     theta: Literal["truth", "prior"] = "truth"
     dtype: DType = "float32"
-    device: str = "cpu"
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not _DEVICE.match(v):
-            raise ValueError(f"must be cpu, cuda, cuda:N or mps, got {v!r}")
-        return v
+    device: Device = "cpu"
 
     @model_validator(mode="after")
     def _steps_multiple(self) -> SimulateConfig:
@@ -304,17 +307,10 @@ class GenerateConfig(Strict):
     seed: NonNegInt = 0
     theta: ThetaConfig = Field(default_factory=ThetaConfig)
     dtype: DType = "float32"
-    device: str = "cpu"
+    device: Device = "cpu"
     store: StoreConfig = Field(default_factory=StoreConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not _DEVICE.match(v):
-            raise ValueError(f"must be cpu, cuda, cuda:N or mps, got {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _layout(self) -> GenerateConfig:
@@ -435,6 +431,16 @@ class InitialEnsembleConfig(Strict):
     spread: Annotated[float, Field(ge=0)] = 1.0
 
 
+class ShockConfig(Strict):
+    """Unmodelled shocks to the truth: with ``probability`` per cycle, a random ``fraction`` of
+    the state components jumps by ``amplitude`` × N(0, 1). The ensemble's model does not know
+    about them, so the forecast prior is badly wrong exactly where the shock hit."""
+
+    probability: Annotated[float, Field(ge=0, le=1)] = 0.0
+    fraction: Annotated[float, Field(gt=0, le=1)] = 0.3
+    amplitude: Annotated[float, Field(ge=0)] = 5.0
+
+
 class AssimilateConfig(Strict):
     """``scoreda assimilate``: a twin experiment — truth run, synthetic observations, cycling."""
 
@@ -446,19 +452,13 @@ class AssimilateConfig(Strict):
     truth_spinup: NonNegInt = 1000
     seed: NonNegInt = 0
     dtype: DType = "float64"
-    device: str = "cpu"
+    device: Device = "cpu"
     observation: ObservationConfig = Field(default_factory=ObservationConfig)
     parameters: ParametersConfig = Field(default_factory=ParametersConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     initial: InitialEnsembleConfig = Field(default_factory=InitialEnsembleConfig)
+    shocks: ShockConfig = Field(default_factory=ShockConfig)
     store_states: bool | None = None
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not _DEVICE.match(v):
-            raise ValueError(f"must be cpu, cuda, cuda:N or mps, got {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> AssimilateConfig:

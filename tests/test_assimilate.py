@@ -151,3 +151,14 @@ def test_shipped_assimilate_configs_validate():
     assert len(names) >= 3
     for name in names:
         assert isinstance(load_config(resolve_config_path(name)), AssimilateConfig)
+
+
+def test_truth_shocks_are_keyed_and_hit_a_fraction():
+    cfg = _cfg(cycles=5, burn_in=0, shocks={"probability": 1.0, "fraction": 0.25, "amplitude": 3.0})
+    twin = Twin(cfg)
+    x = torch.zeros(1, 40, dtype=torch.float64)
+    a, b = twin._shock(x, 3), twin._shock(x, 3)
+    torch.testing.assert_close(a, b)
+    assert 2 <= int((a != 0).sum()) <= 20
+    quiet = Twin(_cfg(cycles=5, burn_in=0))
+    assert torch.equal(quiet._shock(x, 3), x)
