@@ -105,13 +105,15 @@ class Twin:
                                                   device=self.device)
 
     # -- set-up --------------------------------------------------------------------------------
-    def initial_state(self) -> TwinState:
+    def initial_state(self, members: range | None = None) -> TwinState:
+        """The state before cycle 0: spun-up truth, and ``members`` (all by default) as truth
+        plus N(0, spread²) and θ from the prior, each from the member's own stream."""
         cfg, m = self.cfg, self.model
         x = m.initial_state(1, generator(cfg.seed, "truth"), dtype=torch.float64)
         x = x.to(self.dtype).to(self.device)
         with torch.no_grad():
             x = m.advance(x, self.truth_theta, cfg.truth_spinup, self.dt)
-        members = range(cfg.members)
+        members = range(cfg.members) if members is None else members
         noise = per_member(lambda g: torch.randn(m.state_shape, generator=g, dtype=torch.float64),
                            cfg.seed, members, "init")
         ens = x + cfg.initial.spread * noise.to(x)
@@ -121,33 +123,65 @@ class Twin:
     # -- one cycle -----------------------------------------------------------------------------
     def cycle(self, st: TwinState) -> tuple[TwinState, dict[str, torch.Tensor]]:
         """Forecast, observe, analyse, roughen; returns the new state and this cycle's record."""
-        cfg, m, c = self.cfg, self.model, st.cycle
-        n = st.ensemble.shape[0]
-        k = cfg.observation.every
+        c, n = st.cycle, st.ensemble.shape[0]
         with torch.no_grad():
-            truth = self._shock(m.advance(st.truth, self.truth_theta, k, self.dt), c)
-            ens = m.advance(st.ensemble, st.theta, k, self.dt)
+            truth = self.advance_truth(st.truth, c)
+            ens = self.forecast(st.ensemble, st.theta)
             self._check_finite(ens, c, "forecast")
-            y = add_noise(self.op(truth)[0], self.sigma, generator(cfg.seed, c, "obs"))
-            u = m.to_unconstrained(st.theta)[:, self.est_idx]
-            z = torch.cat([ens.reshape(n, -1), u], dim=1)
-            gens = [generator(cfg.seed, c, i, "analysis") for i in range(n)]
-            za = self.analysis(z, y, gens)
-            d = math.prod(m.state_shape)
-            ens_a = za[:, :d].reshape(ens.shape)
-            theta_a = st.theta.clone()
-            if self.est_idx:
-                theta_a[:, self.est_idx] = self._from_u(za[:, d:])
+            y = self.observe(truth, c)
+            ens_a, theta_a = self.analyse(self.augment(ens, st.theta), y, st.theta, c)
             self._check_finite(torch.cat([ens_a.reshape(n, -1), theta_a], 1), c, "analysis")
         rec = self._record(truth, ens, ens_a, theta_a, y)
         # roughening after recording: the stored θ is the analysis, the next forecast uses the walk
-        p = cfg.parameters
-        if self.est_idx and p.roughening > 0:
-            std = p.roughening * p.roughening_decay ** c
-            u_a = m.to_unconstrained(theta_a)[:, self.est_idx]
-            u_r = roughen(u_a, std, [generator(cfg.seed, c, i, "roughen") for i in range(n)])
-            theta_a[:, self.est_idx] = self._from_u(u_r)
-        return TwinState(truth, ens_a, theta_a, c + 1), rec
+        theta_next = self.roughen_theta(theta_a, range(n), c)
+        return TwinState(truth, ens_a, theta_next, c + 1), rec
+
+    # -- the pieces of a cycle (also used member-slice-wise by MPI campaigns) ------------------
+    def advance_truth(self, truth: torch.Tensor, cycle: int) -> torch.Tensor:
+        """The truth ``(1, *state_shape)`` one cycle on, with this cycle's shock if any."""
+        m = self.model
+        return self._shock(m.advance(truth, self.truth_theta, self.cfg.observation.every,
+                                     self.dt), cycle)
+
+    def forecast(self, ensemble: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Members ``(n, *state_shape)`` one cycle on, each with its own θ ``(n, P_all)``."""
+        return self.model.advance(ensemble, theta, self.cfg.observation.every, self.dt)
+
+    def observe(self, truth: torch.Tensor, cycle: int) -> torch.Tensor:
+        """Synthetic observations ``(m,)`` of the truth, noise from the stream (seed, cycle)."""
+        return add_noise(self.op(truth)[0], self.sigma, generator(self.cfg.seed, cycle, "obs"))
+
+    def augment(self, ensemble: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """``[flattened state, u(θ_estimated)]``, ``(n, D + P)``."""
+        u = self.model.to_unconstrained(theta)[:, self.est_idx]
+        return torch.cat([ensemble.reshape(ensemble.shape[0], -1), u], dim=1)
+
+    def analyse(self, z: torch.Tensor, y: torch.Tensor, theta: torch.Tensor,
+                cycle: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Analysis of the full augmented ensemble ``z (N, D + P)``.
+
+        Returns the analysis states ``(N, *state_shape)`` and θ ``(N, P_all)`` (``theta`` with
+        the estimated columns replaced).
+        """
+        n, d = z.shape[0], math.prod(self.model.state_shape)
+        gens = [generator(self.cfg.seed, cycle, i, "analysis") for i in range(n)]
+        za = self.analysis(z, y, gens)
+        theta_a = theta.clone()
+        if self.est_idx:
+            theta_a[:, self.est_idx] = self._from_u(za[:, d:])
+        return za[:, :d].reshape(n, *self.model.state_shape), theta_a
+
+    def roughen_theta(self, theta: torch.Tensor, members: range, cycle: int) -> torch.Tensor:
+        """θ rows of ``members`` after this cycle's random walk (each member its own stream)."""
+        p = self.cfg.parameters
+        if not self.est_idx or p.roughening <= 0:
+            return theta
+        std = p.roughening * p.roughening_decay ** cycle
+        u = self.model.to_unconstrained(theta)[:, self.est_idx]
+        u = roughen(u, std, [generator(self.cfg.seed, cycle, i, "roughen") for i in members])
+        out = theta.clone()
+        out[:, self.est_idx] = self._from_u(u)
+        return out
 
     def _shock(self, truth: torch.Tensor, cycle: int) -> torch.Tensor:
         """Apply this cycle's unmodelled shock to the truth ``(1, *state_shape)``, if any."""

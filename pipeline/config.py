@@ -497,3 +497,28 @@ class AssimilateConfig(Strict):
 
 
 STAGES["assimilate"] = AssimilateConfig
+
+
+# --------------------------------------------------------------------------------------------
+# campaign: distributed, restartable twin experiments (pipeline/campaign.py)
+class CampaignConfig(AssimilateConfig):
+    """``scoreda campaign``: the twin experiment of ``assimilate`` run by MPI ranks (each owns a
+    contiguous slice of members and their θ particles) into a restartable run directory.
+
+    Every ``assimilate`` key means the same here; the extra keys say how the run is kept.
+    """
+
+    stage: Literal["campaign"] = "campaign"  # type: ignore[assignment]
+    checkpoint_every: PosInt = 1
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    threads: PosInt = 1
+    blowup: Annotated[float, Field(gt=0)] = 1e8
+
+    @model_validator(mode="after")
+    def _campaign(self) -> CampaignConfig:
+        if self.device != "cpu":
+            raise _field_error(("device",), "campaigns run on cpu (one MPI rank per core)")
+        return self
+
+
+STAGES["campaign"] = CampaignConfig

@@ -57,3 +57,98 @@ def progress(total: int, desc: str, unit: str = "step", *, any_rank: bool = Fals
     interval = 0.1 if sys.stderr.isatty() else 30.0
     return tqdm(total=total, desc=desc, unit=unit, delay=2.0, disable=disable, file=sys.stderr,
                 mininterval=interval, dynamic_ncols=True, leave=False, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# MPI helpers (campaigns): the world, member slices, agreeing on errors and stop signals
+def world() -> Any:
+    """mpi4py's ``COMM_WORLD``: the launcher's ranks, or a world of one under plain python."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def member_slice(n: int, size: int, r: int) -> range:
+    """The contiguous members ``[i0, i1)`` of rank ``r`` of ``size`` (sizes differ by ≤ 1)."""
+    base, extra = divmod(n, size)
+    i0 = r * base + min(r, extra)
+    return range(i0, i0 + base + (1 if r < extra else 0))
+
+
+def owner_of(member: int, n: int, size: int) -> int:
+    """The rank whose slice holds ``member``."""
+    return next(r for r in range(size) if member in member_slice(n, size, r))
+
+
+def agree(comm: Any, fn: Any, errors: tuple[type[BaseException], ...]) -> Any:
+    """Run ``fn()`` on every rank; if it raises one of ``errors`` on any rank, raise the lowest
+    rank's error (same type and message) on every rank, so no rank waits in a collective."""
+    result, err = None, None
+    try:
+        result = fn()
+    except errors as exc:
+        err = exc
+    found = comm.allgather(None if err is None else (type(err).__name__, str(err)))
+    first = next((f for f in found if f is not None), None)
+    if first is not None:
+        if err is not None and str(err) == first[1]:
+            raise err
+        cls = next((e for e in errors if e.__name__ == first[0]), errors[0])
+        raise cls(first[1])
+    return result
+
+
+class StopSignals:
+    """Catch SIGTERM and SIGUSR1 (SLURM's pre-timeout signal) as a flag, as a context manager.
+
+    ``requested`` becomes True when one arrives; the old handlers come back on exit.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal as _signal
+
+        self.requested = True
+        self.signal = _signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        import signal as _signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(_signal, name)
+                self._old[num] = _signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal as _signal
+
+        for num, old in self._old.items():
+            _signal.signal(num, old)
+        self._old.clear()
+
+
+def rank_logger(directory: str | os.PathLike[str], r: int, name: str = "scoreda") -> Any:
+    """A logger writing to ``directory/rank-RRRR.log`` (one file per rank, appended)."""
+    import logging
+    from pathlib import Path
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger(f"{name}.rank{r}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    h = logging.FileHandler(d / f"rank-{r:04d}.log")
+    h.setFormatter(logging.Formatter("%(asctime)s rank " + str(r) + " %(message)s"))
+    log.addHandler(h)
+    return log

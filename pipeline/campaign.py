@@ -1,0 +1,719 @@
+"""``scoreda campaign run | resume | status | report``: distributed, restartable twin experiments.
+
+The twin experiment of :mod:`pipeline.assimilate` run by MPI ranks (``mpiexec -n R``, ``srun``,
+or plain python with R = 1). Rank r owns the contiguous members ``member_slice(N, R, r)`` and
+their θ particles. Per cycle:
+
+1. every rank advances the (cheap, deterministic) truth and draws the shared shock and
+   observation noise from streams keyed by (seed, cycle, purpose), so all ranks agree on y;
+2. each rank forecasts its own members with its own θ (local);
+3. divergence guard: a non-finite or blown-up member stops the run before anything of the
+   cycle is committed, naming cycle, member and rank (exit 1);
+4. ``allgather`` of the augmented forecast z = [state, u(θ)]: every rank holds the same full z
+   and runs the same :class:`kernels.assimilation.Analysis` on it with the generators of all
+   members keyed by (seed, cycle, member, "analysis"), then keeps its own rows; roughening of a
+   member's θ uses its own stream on its owning rank;
+5. commit: rank 0 writes the per-cycle globals and each rank its members' θ rows into the
+   cycle's own chunks of ``campaign.zarr``; when due, each rank saves its slice into
+   ``checkpoints/cycle-KKKKKK/``; barrier; rank 0 replaces ``progress.json`` atomically (temp,
+   fsync, rename); barrier.
+
+Determinism rule: one torch thread per rank (``threads``, default 1) and the full analysis on
+every rank make R = 1, 2, 4 run the same arithmetic on the same numbers: results are identical
+bit for bit for every method. The price is an O(N·D) allgather per cycle (docs/campaign.md).
+
+Exit codes: 0 done, 1 divergence, 2 bad input (config, run dir, checkpoint), 3 stopped cleanly
+by SIGTERM/SIGUSR1 after committing the current cycle (resumable: requeue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.assimilate import Twin, summary_lines
+from pipeline.config import CampaignConfig, ConfigError, dump, load_yaml, resolve_config_path, validate
+from pipeline.runtime import (
+    StopSignals,
+    agree,
+    member_slice,
+    owner_of,
+    progress,
+    rank_logger,
+    tune_allocator,
+    world,
+)
+from pipeline.simulate import DivergenceError
+from pipeline.storage import OutputError, atomic_write, write_text_atomic
+from pipeline.store import first_difference
+
+EXIT_DONE, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+CONFIG, PROGRESS, STORE, CHECKPOINTS, LOGS = ("config.yaml", "progress.json", "campaign.zarr",
+                                               "checkpoints", "logs")
+#: keys that may change between a run and its resume (they do not change any stored number)
+MUTABLE_KEYS = ("checkpoint_every", "keep_checkpoints", "blowup")
+_CKPT_DIR = re.compile(r"^cycle-(\d{6})$")
+_CKPT_FILE = re.compile(r"^members-(\d{6})-(\d{6})\.pt$")
+_ERRORS = (ConfigError, OutputError, DivergenceError)
+
+
+# --------------------------------------------------------------------------------------------
+# testing hook: die inside a commit phase
+def _die_at(cycle: int, phase: str, rank: int) -> None:
+    """``SCOREDA_TEST_DIE_AT=CYCLE:PHASE[:RANK]`` makes the process ``os._exit(137)`` (as after
+    kill -9) at that point; phases: forecast, store, checkpoint, commit, committed. For tests."""
+    spec = os.environ.get("SCOREDA_TEST_DIE_AT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if int(parts[0]) == cycle and parts[1] == phase and (len(parts) < 3 or int(parts[2]) == rank):
+        os._exit(137)
+
+
+# --------------------------------------------------------------------------------------------
+# config identity
+def hashed_config(cfg: CampaignConfig) -> dict[str, Any]:
+    """The part of the config that determines the stored numbers."""
+    d = cfg.model_dump(mode="json")
+    for k in MUTABLE_KEYS:
+        d.pop(k, None)
+    return d
+
+
+def config_hash(cfg: CampaignConfig) -> str:
+    text = json.dumps(hashed_config(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def load_campaign_config(path: str | Path) -> CampaignConfig:
+    """A campaign config from a file or shipped example name; an ``assimilate`` config is
+    accepted too (its keys mean the same)."""
+    path = resolve_config_path(str(path))
+    data = load_yaml(path)
+    if data.get("stage", "campaign") not in ("campaign", "assimilate"):
+        raise ConfigError(f"{path}: stage: campaign needs a 'campaign' config "
+                          f"(got {data.get('stage')!r})")
+    data["stage"] = "campaign"
+    cfg = validate(data, CampaignConfig, str(path))
+    assert isinstance(cfg, CampaignConfig)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# run directory: config, progress record
+def read_run_config(run_dir: Path) -> CampaignConfig:
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise OutputError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise OutputError(f"{run_dir}: not a campaign run directory (no {CONFIG})")
+    cfg = validate(load_yaml(path), CampaignConfig, str(path))
+    assert isinstance(cfg, CampaignConfig)
+    return cfg
+
+
+def read_progress(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / PROGRESS
+    try:
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OutputError(f"{path}: missing; not a campaign run directory") from None
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{path}: unreadable progress record ({exc})") from None
+    for key in ("cycles_done", "checkpoint", "config_hash"):
+        if key not in rec:
+            raise OutputError(f"{path}: progress record lacks {key!r}")
+    return rec
+
+
+def write_progress(run_dir: Path, rec: dict[str, Any], cycle: int = -1, rank: int = 0) -> None:
+    """Replace the progress record atomically: temp file, fsync, rename, fsync of the dir."""
+    path = run_dir / PROGRESS
+    tmp = run_dir / f".{PROGRESS}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(rec, indent=1) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    _die_at(cycle, "commit", rank)
+    os.replace(tmp, path)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------
+# the Zarr store: one chunk per cycle along the cycle axis, one member per chunk for θ rows
+def _create_store(cfg: CampaignConfig, twin: Twin, path: Path) -> None:
+    import dask.array as da
+    import xarray as xr
+
+    m, c, n = twin.model, cfg.cycles, cfg.members
+    names = list(cfg.parameters.estimate)
+    p = len(names)
+    nobs = int(twin.op.m)
+    time_ = (np.arange(c) + 1) * cfg.observation.every * twin.dt
+    coords: dict[str, Any] = {
+        "cycle": ("cycle", np.arange(c)), "time": ("cycle", time_, {"units": "1"}),
+        "member": ("member", np.arange(n)), "obs": ("obs", np.arange(nobs)),
+        "param": ("param", np.array(names, dtype=object)),
+    }
+    data: dict[str, Any] = {}
+    enc: dict[str, Any] = {}
+
+    def add(name: str, dims: tuple[str, ...], shape: tuple[int, ...], chunks: tuple[int, ...],
+            long: str) -> None:
+        data[name] = (dims, da.full(shape, np.nan, chunks=chunks), {"long_name": long})
+        enc[name] = {"chunks": chunks, "_FillValue": np.nan}
+
+    for name, long in [("rmse_f", "forecast RMSE of the ensemble mean"),
+                       ("rmse_a", "analysis RMSE of the ensemble mean"),
+                       ("spread_f", "forecast ensemble spread"),
+                       ("spread_a", "analysis ensemble spread"),
+                       ("crps_a", "analysis CRPS, mean over state components"),
+                       ("seconds", "wall-clock seconds of the cycle (not reproducible)")]:
+        add(name, ("cycle",), (c,), (1,), long)
+    add("y", ("cycle", "obs"), (c, nobs), (1, nobs), "observations")
+    if p:
+        add("theta_particles", ("cycle", "member", "param"), (c, n, p), (1, 1, p),
+            "analysis θ particles")
+        for name in ("theta_mean", "theta_q05", "theta_q95"):
+            add(name, ("cycle", "param"), (c, p), (1, p), name.replace("_", " "))
+        truth = m.truth_theta(1, cfg.model.params, dtype=torch.float64)[0, twin.est_idx].numpy()
+        data["theta_truth"] = (("param",), truth, {"long_name": "true θ"})
+    if twin.store_states:
+        shape = tuple(m.state_shape)
+        dims = tuple(f"s{i}" for i in range(len(shape)))
+        for name, long in [("truth", "truth"), ("mean_a", "analysis mean"),
+                           ("spread_field", "analysis spread")]:
+            add(name, ("cycle", *dims), (c, *shape), (1, *shape), long)
+    attrs = {"Conventions": "CF-1.8", "model": m.name, "method": cfg.filter.method,
+             "burn_in": cfg.burn_in, "config": dump(cfg), "config_hash": config_hash(cfg)}
+    ds = xr.Dataset(data, coords=coords, attrs=attrs)
+    atomic_write(path, lambda tmp: ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False,
+                                              compute=False, encoding=enc))
+
+
+class _StoreWriter:
+    """Region writes of one cycle: rank 0 the globals, each rank its own members' θ rows."""
+
+    def __init__(self, path: Path) -> None:
+        import zarr
+
+        self.group = zarr.open_group(path, mode="r+", zarr_format=3)
+        self.arrays: dict[str, Any] = {}
+
+    def __call__(self, name: str, index: Any, value: Any) -> None:
+        if name not in self.arrays:
+            self.arrays[name] = self.group[name]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().to(torch.float64).numpy()
+        self.arrays[name][index] = value
+
+
+def open_run(run_dir: str | Path, committed_only: bool = True):  # -> xr.Dataset
+    """The run's store as a labelled Dataset (only the committed cycles by default), with the
+    summary attrs ``plot_assimilation`` and ``summary_lines`` use."""
+    import xarray as xr
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    prog = read_progress(run_dir)
+    ds = xr.open_zarr(run_dir / STORE, consolidated=False)
+    done = int(prog["cycles_done"])
+    if committed_only:
+        ds = ds.isel(cycle=slice(0, done)).load()
+    burn = min(cfg.burn_in, max(done - 1, 0))
+    s = slice(burn, None)
+    secs = ds["seconds"].values[s] if done else np.array([np.nan])
+    ds.attrs.update(
+        burn_in=burn, cycles_done=done,
+        rmse_a_mean=float(ds["rmse_a"].values[s].mean()) if done else float("nan"),
+        rmse_f_mean=float(ds["rmse_f"].values[s].mean()) if done else float("nan"),
+        spread_a_mean=float(ds["spread_a"].values[s].mean()) if done else float("nan"),
+        seconds_per_cycle=float(np.nanmean(secs)) if done else float("nan"))
+    if done and "theta_particles" in ds:
+        th = ds["theta_particles"].values[done - 1]
+        lo, hi = np.quantile(th, [0.05, 0.95], axis=0)
+        for k, name in enumerate(ds["param"].values):
+            ds.attrs[f"theta_{name}_final_mean"] = float(th[:, k].mean())
+            ds.attrs[f"theta_{name}_final_q05"] = float(lo[k])
+            ds.attrs[f"theta_{name}_final_q95"] = float(hi[k])
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints: one directory per checkpointed cycle count, one file per rank's member block
+def _ckpt_dir(run_dir: Path, k: int) -> Path:
+    return run_dir / CHECKPOINTS / f"cycle-{k:06d}"
+
+
+def _ckpt_cycles(run_dir: Path) -> list[int]:
+    d = run_dir / CHECKPOINTS
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _CKPT_DIR.match(p.name)))
+
+
+def _save_tensors(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> dict[str, Any]:
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise OutputError(f"{path}: checkpoint file is missing") from None
+    except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / ...
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OutputError(f"{path}: corrupt or truncated checkpoint ({msg}); delete the run's "
+                          f"newest checkpoint directory to fall back to an older one, or "
+                          f"start again with --overwrite") from None
+    if not isinstance(obj, dict):
+        raise OutputError(f"{path}: corrupt checkpoint (not a mapping of tensors)")
+    return obj
+
+
+@dataclass
+class _Slice:
+    """One rank's part of the campaign state: the truth (shared) and its members."""
+
+    truth: torch.Tensor     # (1, *state_shape)
+    ensemble: torch.Tensor  # (n_local, *state_shape)
+    theta: torch.Tensor     # (n_local, P_all) natural space
+    cycles_done: int
+
+
+def _load_checkpoint(run_dir: Path, k: int, members: range, twin: Twin) -> _Slice:
+    """Rows ``members`` of checkpoint ``k``, from whichever member files overlap them."""
+    d = _ckpt_dir(run_dir, k)
+    if not d.is_dir():
+        raise OutputError(f"{d}: checkpoint directory is missing")
+    truth = _load_tensors(d / "truth.pt")
+    shape = tuple(twin.model.state_shape)
+    if not isinstance(truth.get("truth"), torch.Tensor) or tuple(truth["truth"].shape) != (1, *shape):
+        raise OutputError(f"{d / 'truth.pt'}: corrupt checkpoint (no truth of shape {(1, *shape)})")
+    files = sorted((int(m.group(1)), int(m.group(2)), p) for p in d.iterdir()
+                   if (m := _CKPT_FILE.match(p.name)))
+    ens: list[torch.Tensor] = []
+    th: list[torch.Tensor] = []
+    nxt = members.start
+    for a, b, p in files:
+        if b < nxt or a >= members.stop:
+            continue
+        if a > nxt:
+            break
+        obj = _load_tensors(p)
+        e, t = obj.get("ensemble"), obj.get("theta")
+        n = b - a + 1
+        if not (isinstance(e, torch.Tensor) and isinstance(t, torch.Tensor)
+                and tuple(e.shape) == (n, *shape) and t.shape[0] == n
+                and t.shape[1] == len(twin.model.param_names)):
+            raise OutputError(f"{p}: corrupt checkpoint (ensemble/theta of unexpected shape)")
+        lo, hi = nxt - a, min(b + 1, members.stop) - a
+        ens.append(e[lo:hi])
+        th.append(t[lo:hi])
+        nxt = a + hi
+        if nxt >= members.stop:
+            break
+    if nxt < members.stop:
+        raise OutputError(f"{d}: incomplete checkpoint (no file holds member {nxt})")
+    dtype = twin.dtype
+    return _Slice(truth["truth"].to(dtype), torch.cat(ens).to(dtype), torch.cat(th).to(dtype), k)
+
+
+def _initial_slice(twin: Twin, members: range) -> _Slice:
+    """The state before cycle 0 for ``members`` only (the same numbers as ``Twin.run`` uses)."""
+    st = twin.initial_state(members)
+    return _Slice(st.truth, st.ensemble, st.theta, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# the cycling loop
+def _bad_member(x: torch.Tensor, limit: float) -> tuple[int, str] | None:
+    """First row of ``x`` that is non-finite or exceeds ``limit`` in magnitude."""
+    flat = x.reshape(x.shape[0], -1)
+    nonfinite = ~torch.isfinite(flat).all(dim=1)
+    big = flat.abs().nan_to_num(0.0, posinf=math.inf).amax(dim=1) > limit if flat.numel() else nonfinite
+    bad = nonfinite | big
+    if not bool(bad.any()):
+        return None
+    i = int(bad.nonzero()[0, 0])
+    return i, ("became non-finite" if bool(nonfinite[i]) else f"blew up (|x| > {limit:g})")
+
+
+def _diverged(c: int, member: int, rank: int, what: str, where: str, done: int) -> DivergenceError:
+    return DivergenceError(f"cycle {c}: member {member} (rank {rank}) {what} in the {where}; "
+                           f"cycle {c} is not committed (last committed cycle: {done - 1})")
+
+
+class Campaign:
+    """One rank's view of a campaign in ``run_dir``."""
+
+    def __init__(self, cfg: CampaignConfig, run_dir: Path, comm: Any) -> None:
+        self.cfg, self.run_dir, self.comm = cfg, run_dir, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.members = member_slice(cfg.members, self.size, self.rank)
+        self.twin = Twin(cfg)
+        self.hash = config_hash(cfg)
+        self.log = rank_logger(run_dir / LOGS, self.rank)
+
+    # -- commit helpers --------------------------------------------------------------------
+    def _write_cycle(self, w: _StoreWriter, c: int, rec: dict[str, torch.Tensor] | None,
+                     theta_rows: torch.Tensor, seconds: float) -> None:
+        if self.rank == 0 and rec is not None:
+            for key in ("rmse_f", "rmse_a", "spread_f", "spread_a", "crps_a"):
+                w(key, c, float(rec[key]))
+            w("seconds", c, seconds)
+            w("y", (c, slice(None)), rec["y"])
+            if "truth" in rec:
+                shape = tuple(self.twin.model.state_shape)
+                for key in ("truth", "mean_a", "spread_field"):
+                    w(key, (c, ...), rec[key].reshape(shape))
+            if self.twin.est_idx:
+                th = rec["theta"].detach().cpu().to(torch.float64).numpy()
+                lo, hi = np.quantile(th, [0.05, 0.95], axis=0)
+                w("theta_mean", (c, slice(None)), th.mean(0))
+                w("theta_q05", (c, slice(None)), lo)
+                w("theta_q95", (c, slice(None)), hi)
+        if self.twin.est_idx and len(self.members):
+            w("theta_particles", (c, slice(self.members.start, self.members.stop), slice(None)),
+              theta_rows)
+
+    def _checkpoint(self, st: _Slice) -> None:
+        k = st.cycles_done
+        d = _ckpt_dir(self.run_dir, k)
+        if self.rank == 0:
+            # a dir left by an uncommitted attempt (maybe with another rank count) starts afresh
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            _save_tensors(d / "truth.pt", {"truth": st.truth.detach().cpu()})
+        self.comm.Barrier()
+        if len(self.members):
+            a, b = self.members.start, self.members.stop - 1
+            obj = {"ensemble": st.ensemble.detach().cpu().contiguous(),
+                   "theta": st.theta.detach().cpu().contiguous(),
+                   "members": torch.tensor([a, b])}
+            _die_at(k - 1, "checkpoint", self.rank)
+            _save_tensors(d / f"members-{a:06d}-{b:06d}.pt", obj)
+
+    def _prune(self, keep_upto: int) -> None:
+        """Keep the newest ``keep_checkpoints`` checkpoints at or below ``keep_upto``."""
+        ks = [k for k in _ckpt_cycles(self.run_dir) if k <= keep_upto]
+        for k in ks[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(_ckpt_dir(self.run_dir, k), ignore_errors=True)
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self, st: _Slice, prog: dict[str, Any]) -> int:
+        cfg, twin, m, comm = self.cfg, self.twin, self.twin.model, self.comm
+        n, d = cfg.members, math.prod(m.state_shape)
+        w = agree(comm, lambda: _StoreWriter(self.run_dir / STORE), _ERRORS)
+        self.log.info("start at cycle %d of %d, %d ranks, members [%d, %d)", st.cycles_done,
+                      cfg.cycles, self.size, self.members.start, self.members.stop)
+        with StopSignals() as stop, progress(cfg.cycles, "campaign", unit="cycle",
+                                             initial=st.cycles_done) as bar:
+            for c in range(st.cycles_done, cfg.cycles):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    truth = twin.advance_truth(st.truth, c)
+                    ens_f = twin.forecast(st.ensemble, st.theta)
+                    _die_at(c, "forecast", self.rank)
+                    bad = _bad_member(ens_f, cfg.blowup) if len(self.members) else None
+                    found = comm.allgather(None if bad is None else
+                                           (self.members.start + bad[0], bad[1]))
+                    for r, f in enumerate(found):
+                        if f is not None:
+                            self.log.error("diverged: cycle %d member %d", c, f[0])
+                            raise _diverged(c, f[0], r, f[1], "forecast", c)
+                    y = twin.observe(truth, c)
+                    z_loc = twin.augment(ens_f, st.theta)
+                    parts = comm.allgather(z_loc.cpu().numpy())
+                    z = torch.from_numpy(np.concatenate(parts)).to(z_loc)
+                    theta_full = torch.cat(comm.allgather(st.theta.cpu())).to(st.theta)
+                    ens_a, theta_a = twin.analyse(z, y, theta_full, c)
+                    bad = _bad_member(torch.cat([ens_a.reshape(n, -1), theta_a], 1), cfg.blowup)
+                    if bad is not None:
+                        raise _diverged(c, bad[0], owner_of(bad[0], n, self.size), bad[1],
+                                        "analysis", c)
+                    ens_f_full = z[:, :d].reshape(n, *m.state_shape)
+                    rec = twin._record(truth, ens_f_full, ens_a, theta_a, y) if self.rank == 0 else None
+                    mine = slice(self.members.start, self.members.stop)
+                    theta_rows = theta_a[mine, :][:, twin.est_idx].clone()
+                    th_new = twin.roughen_theta(theta_a[mine].clone(), self.members, c)
+                    st = _Slice(truth, ens_a[mine].clone(), th_new, c + 1)
+                seconds = time.perf_counter() - t0
+                # -- commit ------------------------------------------------------------------
+                self._write_cycle(w, c, rec, theta_rows, seconds)
+                _die_at(c, "store", self.rank)
+                due = (c + 1) % cfg.checkpoint_every == 0 or c + 1 == cfg.cycles
+                if due:
+                    self._checkpoint(st)
+                comm.Barrier()
+                if self.rank == 0:
+                    assert rec is not None
+                    ck = c + 1 if due else prog["checkpoint"]
+                    # a redone cycle (after a resume from an older checkpoint) never lowers the count
+                    prog = {**prog, "cycles_done": max(c + 1, int(prog["cycles_done"])),
+                            "checkpoint": ck, "ranks": self.size,
+                            "updated": _now(),
+                            "seconds_total": float(prog.get("seconds_total", 0.0)) + seconds,
+                            "last_seconds": seconds,
+                            "last_metrics": {key: float(rec[key]) for key in
+                                             ("rmse_f", "rmse_a", "spread_f", "spread_a", "crps_a")}}
+                    write_progress(self.run_dir, prog, c, self.rank)
+                    _die_at(c, "committed", self.rank)
+                    self._prune(ck)
+                comm.Barrier()
+                self.log.info("committed cycle %d (%.3f s)%s", c, seconds,
+                              f" rmse_a {float(rec['rmse_a']):.4f}" if rec is not None else "")
+                bar.update(1)
+                if rec is not None:
+                    bar.set_postfix(rmse=f"{float(rec['rmse_a']):.3f}", refresh=False)
+                stop_now = comm.allreduce(1 if stop.requested else 0, op=_max())
+                if stop_now and c + 1 < cfg.cycles:
+                    self.log.info("stop signal (%s): exiting after committed cycle %d",
+                                  stop.signal or "on another rank", c)
+                    if self.rank == 0:
+                        print(f"campaign: stopped by signal after cycle {c} "
+                              f"({c + 1}/{cfg.cycles} committed); resume with "
+                              f"`scoreda campaign resume {self.run_dir}` (exit {EXIT_STOPPED})",
+                              flush=True)
+                    return EXIT_STOPPED
+        self.log.info("finished %d cycles", cfg.cycles)
+        return EXIT_DONE
+
+
+def _max() -> Any:
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+# --------------------------------------------------------------------------------------------
+# entry points (every rank calls them)
+def start(cfg: CampaignConfig, run_dir: str | Path, overwrite: bool = False,
+          comm: Any = None) -> int:
+    """Create ``run_dir`` and run the campaign from cycle 0."""
+    comm = comm if comm is not None else world()
+    run_dir = Path(run_dir)
+    torch.set_num_threads(cfg.threads)
+
+    def create() -> None:
+        if comm.Get_rank() != 0:
+            return
+        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+            hint = (f"use `scoreda campaign resume {run_dir}` to continue it, or "
+                    if (run_dir / PROGRESS).exists() else "")
+            raise OutputError(f"{run_dir}: exists; {hint}pass --overwrite to replace it")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise OutputError(f"{run_dir}: exists and is not a directory")
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        try:
+            run_dir.mkdir(parents=True)
+            write_text_atomic(run_dir / CONFIG, dump(cfg))
+            _create_store(cfg, Twin(cfg), run_dir / STORE)
+            write_progress(run_dir, {"cycles_done": 0, "checkpoint": 0, "cycles": cfg.cycles,
+                                     "ranks": comm.Get_size(), "config_hash": config_hash(cfg),
+                                     "started": _now(), "updated": _now(),
+                                     "seconds_total": 0.0})
+        except OSError as exc:
+            raise OutputError(f"{run_dir}: cannot create the run directory "
+                              f"({exc.strerror or exc})") from None
+
+    agree(comm, create, _ERRORS)
+    camp = Campaign(cfg, run_dir, comm)
+    st = _initial_slice(camp.twin, camp.members)
+    return camp.run(st, read_progress(run_dir))
+
+
+def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any = None) -> int:
+    """Continue the campaign in ``run_dir`` from its last committed cycle (any rank count).
+
+    ``config`` (optional) may differ from the stored one only in ``checkpoint_every``,
+    ``keep_checkpoints`` and ``blowup``; anything else is refused, naming the first difference.
+    """
+    comm = comm if comm is not None else world()
+    run_dir = Path(run_dir)
+
+    def check() -> tuple[CampaignConfig, dict[str, Any]]:
+        cfg = read_run_config(run_dir)
+        prog = read_progress(run_dir)
+        if prog["config_hash"] != config_hash(cfg):
+            raise OutputError(f"{run_dir / CONFIG}: does not match the run's progress record "
+                              f"(config hash {config_hash(cfg)} != {prog['config_hash']}); "
+                              "was it edited?")
+        if config is not None:
+            if config_hash(config) != prog["config_hash"]:
+                raise ConfigError(f"{run_dir}: cannot resume with this config: "
+                                  f"{first_difference(hashed_config(cfg), hashed_config(config))}"
+                                  f"; only {', '.join(MUTABLE_KEYS)} may change")
+            cfg = config
+        return cfg, prog
+
+    cfg, prog = agree(comm, check, _ERRORS)
+    torch.set_num_threads(cfg.threads)
+    if comm.Get_rank() == 0 and config is not None:
+        write_text_atomic(run_dir / CONFIG, dump(cfg))
+    done, k = int(prog["cycles_done"]), int(prog["checkpoint"])
+    if done >= cfg.cycles:
+        if comm.Get_rank() == 0:
+            print(f"campaign: {run_dir} is complete ({done}/{cfg.cycles} cycles)")
+        return EXIT_DONE
+    camp = Campaign(cfg, run_dir, comm)
+
+    def load() -> _Slice:
+        if k == 0:
+            return _initial_slice(camp.twin, camp.members)
+        return _load_checkpoint(run_dir, k, camp.members, camp.twin)
+
+    st = agree(comm, load, _ERRORS)
+    comm.Barrier()
+    if comm.Get_rank() == 0:
+        # checkpoints of cycles never committed are left-overs of the interrupted attempt
+        for kk in _ckpt_cycles(run_dir):
+            if kk > done:
+                shutil.rmtree(_ckpt_dir(run_dir, kk), ignore_errors=True)
+        print(f"campaign: resuming {run_dir} at cycle {done} (checkpoint after {k} cycles, "
+              f"{done - k} to redo) on {comm.Get_size()} rank(s)", flush=True)
+    comm.Barrier()
+    prog = {**prog, "resumed": int(prog.get("resumed", 0)) + 1}
+    # cycles between the checkpoint and the last commit are redone: same numbers, same regions
+    return camp.run(st, prog)
+
+
+def status_lines(run_dir: str | Path) -> list[str]:
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    prog = read_progress(run_dir)
+    done = int(prog["cycles_done"])
+    out = [f"{run_dir}: {done}/{cfg.cycles} cycles committed "
+           f"({'complete' if done >= cfg.cycles else 'resumable'}), {cfg.model.name} "
+           f"{cfg.filter.method}, {cfg.members} members, last run on {prog.get('ranks')} rank(s)",
+           f"  last checkpoint after {prog['checkpoint']} cycles; updated {prog.get('updated')}"]
+    if done:
+        secs = float(prog.get("seconds_total", 0.0)) / max(done, 1)
+        lm = prog.get("last_metrics", {})
+        out.append("  last cycle: " + ", ".join(f"{k} {v:.4g}" for k, v in lm.items()))
+        out.append(f"  time per cycle: {secs * 1e3:.1f} ms (mean over all attempts), "
+                   f"last {float(prog.get('last_seconds', 0)) * 1e3:.1f} ms")
+    return out
+
+
+def report(run_dir: str | Path) -> list[Path]:
+    """PNG plots (RMSE/spread, θ with 90% intervals) and a markdown summary of the committed
+    cycles; returns the written paths."""
+    from pipeline.report import plot_assimilation
+    from pipeline.storage import write_text_atomic as _w
+
+    run_dir = Path(run_dir)
+    ds = open_run(run_dir)
+    if ds.attrs["cycles_done"] == 0:
+        raise OutputError(f"{run_dir}: no committed cycle to report yet")
+    png = run_dir / "report_metrics.png"
+    plot_assimilation(ds, png)
+    a = ds.attrs
+    rows = [("cycles committed", f"{a['cycles_done']}"),
+            ("model / method", f"{a['model']} / {a['method']}"),
+            ("members", f"{ds.sizes['member']}"),
+            ("analysis RMSE (after burn-in)", f"{a['rmse_a_mean']:.4f}"),
+            ("forecast RMSE (after burn-in)", f"{a['rmse_f_mean']:.4f}"),
+            ("analysis spread (after burn-in)", f"{a['spread_a_mean']:.4f}"),
+            ("seconds per cycle", f"{a['seconds_per_cycle']:.4f}")]
+    for name in ds["param"].values if "theta_truth" in ds else []:
+        truth = float(ds["theta_truth"].sel(param=name))
+        lo, hi = a[f"theta_{name}_final_q05"], a[f"theta_{name}_final_q95"]
+        rows.append((f"θ {name}: final mean [90% interval] (truth)",
+                     f"{a[f'theta_{name}_final_mean']:.4g} [{lo:.4g}, {hi:.4g}] ({truth:.4g}, "
+                     f"{'covered' if lo <= truth <= hi else 'NOT covered'})"))
+    md = [f"# Campaign report: {run_dir.name}", "", "| quantity | value |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in rows]
+    md += ["", f"![metrics]({png.name})", ""]
+    out = run_dir / "report.md"
+    _w(out, "\n".join(md))
+    return [png, out]
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("campaign", help="distributed, restartable twin experiments (MPI)",
+                       description="Cycle a twin experiment over MPI ranks (mpiexec/srun/plain "
+                                   "python) into a run directory that survives kills. Exit codes: "
+                                   "0 done, 1 diverged, 2 bad input, 3 stopped by SIGTERM/SIGUSR1 "
+                                   "after a commit (resumable: requeue and run `resume`).")
+    cs = p.add_subparsers(dest="campaign_command", metavar="ACTION", required=True)
+    r = cs.add_parser("run", help="start a campaign from a config")
+    r.add_argument("config", help="campaign (or assimilate) config: file or shipped example name")
+    r.add_argument("--run-dir", required=True, help="run directory to create")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--cycles", type=int, help="override the number of cycles")
+    r.set_defaults(func=_cmd)
+    s = cs.add_parser("resume", help="continue a run from its last committed cycle")
+    s.add_argument("run_dir")
+    s.add_argument("--config", help="a changed config (only checkpoint_every, keep_checkpoints, "
+                                    "blowup may differ)")
+    s.set_defaults(func=_cmd)
+    t = cs.add_parser("status", help="cycles done, last metrics, time per cycle")
+    t.add_argument("run_dir")
+    t.set_defaults(func=_cmd)
+    q = cs.add_parser("report", help="PNG plots and a markdown summary in the run directory")
+    q.add_argument("run_dir")
+    q.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    action = args.campaign_command
+    if action == "status":
+        for line in status_lines(args.run_dir):
+            print(line)
+        return 0
+    if action == "report":
+        for path in report(args.run_dir):
+            print(f"wrote {path}")
+        for line in summary_lines(open_run(args.run_dir)):
+            print(line)
+        return 0
+    comm = world()
+    tune_allocator()
+    try:
+        if action == "run":
+            cfg = load_campaign_config(args.config)
+            if args.cycles is not None:
+                data = cfg.model_dump(mode="json")
+                data["cycles"] = args.cycles
+                cfg = validate(data, CampaignConfig, f"{args.config} (--cycles)")
+            code = start(cfg, args.run_dir, overwrite=args.overwrite, comm=comm)
+        else:
+            new = load_campaign_config(args.config) if args.config else None
+            code = resume(args.run_dir, new, comm=comm)
+    except _ERRORS as exc:
+        if comm.Get_rank() != 0:  # every rank has the same error: rank 0 reports it
+            return EXIT_DIVERGED if isinstance(exc, DivergenceError) else EXIT_BAD_INPUT
+        raise
+    if code == EXIT_DONE and comm.Get_rank() == 0:
+        for line in status_lines(args.run_dir):
+            print(line)
+    return code

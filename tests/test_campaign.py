@@ -1,0 +1,325 @@
+"""``scoreda campaign``: rank-count invariance, kills at every commit phase, SIGTERM, resume with
+another rank count, refused configs, corrupt checkpoints, divergence guard, status and report."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import yaml
+
+from pipeline import campaign as cp
+from pipeline.assimilate import Twin
+from pipeline.cli import main
+from pipeline.config import CampaignConfig, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+MPIEXEC = Path(PYTHON).parent / "mpiexec"
+ENV = {**os.environ, "SCOREDA_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+ENV.pop("SCOREDA_TEST_DIE_AT", None)
+
+FILTERS = {
+    "letkf": {"method": "letkf", "inflation": 1.02, "radius": 6.0},
+    "enkf": {"method": "enkf", "inflation": 1.05},
+    "ensf-paired": {"method": "ensf", "ensf": {"estimator": "paired", "steps": 20}},
+    "ensf-gaussian": {"method": "ensf", "ensf": {"estimator": "gaussian", "steps": 20}},
+}
+
+
+def make_cfg(method: str = "letkf", **over) -> CampaignConfig:
+    data = {
+        "stage": "campaign",
+        "model": {"name": "lorenz96", "size": 40, "params": {"F": 8.0}, "dt": 0.05},
+        "members": 8, "cycles": 12, "burn_in": 2, "truth_spinup": 200, "seed": 3,
+        "observation": {"kind": "every_kth", "options": {"k": 2}, "sigma": 1.0},
+        "parameters": {"estimate": ["F"], "prior": {"F": {"uniform": [6.0, 10.0]}},
+                       "roughening": 0.05},
+        "filter": FILTERS[method],
+    }
+    data.update(over)
+    cfg = validate(data, CampaignConfig)
+    assert isinstance(cfg, CampaignConfig)
+    return cfg
+
+
+def write_cfg(path: Path, cfg: CampaignConfig) -> Path:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def launch(args: list[str], ranks: int, env: dict | None = None, **kw) -> subprocess.Popen:
+    cmd = [PYTHON, "-m", "pipeline.cli", "campaign", *args]
+    if ranks > 1:
+        cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def run_cli(args: list[str], ranks: int, env: dict | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    p = launch(args, ranks, env)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        _killgroup(p)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _killgroup(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def in_process(cfg: CampaignConfig, run_dir: Path) -> int:
+    """A campaign on one rank inside the test process (plain python: MPI world of one)."""
+    threads = torch.get_num_threads()
+    try:
+        return cp.start(cfg, run_dir, overwrite=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stored(run_dir: Path) -> dict[str, np.ndarray]:
+    ds = xr.open_zarr(run_dir / cp.STORE, consolidated=False).load()
+    return {k: ds[k].values for k in ds.data_vars if k != "seconds"}
+
+
+def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k], equal_nan=True), f"{what}: {k} differs"
+
+
+def final_checkpoint(run_dir: Path, cfg: CampaignConfig) -> dict[str, torch.Tensor]:
+    twin = Twin(cfg)
+    s = cp._load_checkpoint(run_dir, cfg.cycles, range(cfg.members), twin)
+    return {"truth": s.truth, "ensemble": s.ensemble, "theta": s.theta}
+
+
+needs_mpi = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec in the venv")
+
+
+# --------------------------------------------------------------------------------------------
+# R = 1 equals the single-process twin driver
+def test_one_rank_equals_twin_driver(tmp_path):
+    cfg = make_cfg("letkf")
+    assert in_process(cfg, tmp_path / "run") == cp.EXIT_DONE
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ds = Twin(cfg).run()
+    finally:
+        torch.set_num_threads(threads)
+    got = stored(tmp_path / "run")
+    for k in ("rmse_a", "rmse_f", "spread_a", "y", "theta_particles", "theta_mean", "mean_a"):
+        assert np.array_equal(ds[k].values, got[k]), k
+    prog = json.loads((tmp_path / "run" / cp.PROGRESS).read_text())
+    assert prog["cycles_done"] == cfg.cycles and prog["checkpoint"] == cfg.cycles
+    # keep_checkpoints = 2: only the last two survive
+    assert cp._ckpt_cycles(tmp_path / "run") == [cfg.cycles - 1, cfg.cycles]
+
+
+# --------------------------------------------------------------------------------------------
+# rank-count invariance: bit for bit
+@pytest.mark.mpi
+@needs_mpi
+@pytest.mark.parametrize("method,ranks", [("letkf", 4), ("ensf-paired", 4), ("ensf-gaussian", 2),
+                                          ("enkf", 2)])
+def test_rank_count_invariance(tmp_path, method, ranks):
+    cfg = make_cfg(method)
+    in_process(cfg, tmp_path / "r1")
+    conf = write_cfg(tmp_path / "c.yaml", cfg)
+    r = run_cli(["run", str(conf), "--run-dir", str(tmp_path / "rn")], ranks)
+    assert r.returncode == 0, r.stderr
+    assert_same(stored(tmp_path / "r1"), stored(tmp_path / "rn"), f"{method} R=1 vs R={ranks}")
+    a, b = final_checkpoint(tmp_path / "r1", cfg), final_checkpoint(tmp_path / "rn", cfg)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    files = sorted(p.name for p in cp._ckpt_dir(tmp_path / "rn", cfg.cycles).iterdir())
+    assert len([f for f in files if f.startswith("members-")]) == ranks
+    logs = sorted(p.name for p in (tmp_path / "rn" / cp.LOGS).iterdir())
+    assert logs == [f"rank-{r:04d}.log" for r in range(ranks)]
+
+
+# --------------------------------------------------------------------------------------------
+# kills at every commit phase, resumed with changing rank counts
+@pytest.mark.mpi
+@needs_mpi
+def test_kill_at_every_phase_then_resume_is_bitwise(tmp_path):
+    cfg = make_cfg("ensf-paired", cycles=14, checkpoint_every=3)
+    ref = tmp_path / "ref"
+    in_process(cfg, ref)
+    conf = write_cfg(tmp_path / "c.yaml", cfg)
+    run = tmp_path / "run"
+    # (die spec, ranks of the attempt that dies); each attempt resumes the previous one
+    plan = [("1:forecast", 2), ("3:store:1", 2), ("5:checkpoint:1", 4), ("7:commit", 1),
+            ("9:committed", 2)]
+    done_before = 0
+    for i, (spec, ranks) in enumerate(plan):
+        args = ["run", str(conf), "--run-dir", str(run)] if i == 0 else ["resume", str(run)]
+        r = run_cli(args, ranks, env={"SCOREDA_TEST_DIE_AT": spec})
+        assert r.returncode != 0, (spec, r.stdout, r.stderr)
+        prog = json.loads((run / cp.PROGRESS).read_text())  # never half-written
+        assert prog["cycles_done"] >= done_before
+        done_before = prog["cycles_done"]
+        cycle, phase = int(spec.split(":")[0]), spec.split(":")[1]
+        assert prog["cycles_done"] == (cycle + 1 if phase == "committed" else cycle), spec
+        ds = cp.open_run(run)  # the store stays readable
+        assert ds.sizes["cycle"] == prog["cycles_done"]
+        assert np.isfinite(ds["rmse_a"].values).all()
+    r = run_cli(["resume", str(run)], 4)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    assert_same(stored(ref), stored(run), "killed and resumed vs uninterrupted")
+    a, b = final_checkpoint(ref, cfg), final_checkpoint(run, cfg)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_sigkill_at_random_moment(tmp_path):
+    cfg = make_cfg("letkf", cycles=60)
+    ref = tmp_path / "ref"
+    in_process(cfg, ref)
+    conf = write_cfg(tmp_path / "c.yaml", cfg)
+    run = tmp_path / "run"
+    p = launch(["run", str(conf), "--run-dir", str(run)], 2)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (run / cp.PROGRESS).exists():
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 0.3))
+        os.killpg(p.pid, signal.SIGKILL)  # mpiexec and both ranks, wherever they are
+        p.wait(timeout=30)
+    finally:
+        _killgroup(p)
+    prog = json.loads((run / cp.PROGRESS).read_text())
+    assert prog["cycles_done"] <= cfg.cycles
+    cp.open_run(run)
+    r = run_cli(["resume", str(run)], 1)
+    assert r.returncode == 0, r.stderr
+    assert_same(stored(ref), stored(run), f"SIGKILL after {prog['cycles_done']} cycles")
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_sigterm_stops_cleanly_and_resume_completes(tmp_path):
+    cfg = make_cfg("letkf", cycles=120)
+    conf = write_cfg(tmp_path / "c.yaml", cfg)
+    run = tmp_path / "run"
+    p = launch(["run", str(conf), "--run-dir", str(run)], 2)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if json.loads((run / cp.PROGRESS).read_text())["cycles_done"] >= 1:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        p.send_signal(signal.SIGTERM)  # mpiexec forwards it to the ranks (as srun does)
+        out, err = p.communicate(timeout=60)
+    finally:
+        _killgroup(p)
+    assert p.returncode == cp.EXIT_STOPPED, (out, err)
+    assert "stopped by signal" in out
+    prog = json.loads((run / cp.PROGRESS).read_text())
+    assert 1 <= prog["cycles_done"] < cfg.cycles
+    assert prog["checkpoint"] == prog["cycles_done"]
+    assert main(["campaign", "resume", str(run)]) == 0
+    ref = tmp_path / "ref"
+    in_process(cfg, ref)
+    assert_same(stored(ref), stored(run), "SIGTERM + resume vs uninterrupted")
+
+
+# --------------------------------------------------------------------------------------------
+# refused input, corrupt checkpoints, divergence, status and report (in-process, R = 1)
+def test_incompatible_config_and_existing_dir_refused(tmp_path, capsys):
+    cfg = make_cfg("letkf", cycles=4, burn_in=0)
+    conf = write_cfg(tmp_path / "c.yaml", cfg)
+    run = tmp_path / "run"
+    assert main(["campaign", "run", str(conf), "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["campaign", "run", str(conf), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "campaign resume" in err and "--overwrite" in err
+    other = write_cfg(tmp_path / "o.yaml", make_cfg("letkf", cycles=4, burn_in=0, seed=9))
+    assert main(["campaign", "resume", str(run), "--config", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot resume with this config" in err and "seed" in err
+    ok = write_cfg(tmp_path / "k.yaml", make_cfg("letkf", cycles=4, burn_in=0, checkpoint_every=2))
+    assert main(["campaign", "resume", str(run), "--config", str(ok)]) == 0
+    assert "complete" in capsys.readouterr().out
+    # an edited config.yaml no longer matches the progress record
+    (run / cp.CONFIG).write_text((run / cp.CONFIG).read_text().replace("seed: 3", "seed: 4"))
+    assert main(["campaign", "resume", str(run)]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert main(["campaign", "status", str(tmp_path / "nowhere")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+def test_corrupt_checkpoint_names_the_file(tmp_path, capsys, damage):
+    cfg = make_cfg("letkf", cycles=6, burn_in=0)
+    run = tmp_path / "run"
+    in_process(cfg, run)
+    # pretend the last cycle was never committed: resume must load checkpoint 5
+    prog = json.loads((run / cp.PROGRESS).read_text())
+    cp.write_progress(run, {**prog, "cycles_done": 5, "checkpoint": 5})
+    f = cp._ckpt_dir(run, 5) / "members-000000-000007.pt"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:200])
+    elif damage == "garbage":
+        f.write_bytes(b"not a checkpoint at all" * 10)
+    else:
+        f.unlink()
+    assert main(["campaign", "resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    if damage == "delete":
+        assert "incomplete checkpoint" in err and str(cp._ckpt_dir(run, 5)) in err
+    else:
+        assert str(f) in err and "corrupt or truncated" in err
+
+
+def test_divergence_guard_names_cycle_member_rank(tmp_path, capsys):
+    cfg = make_cfg("letkf", cycles=6, burn_in=0, blowup=4.0)  # L96 states reach |x| > 4 at once
+    conf = write_cfg(tmp_path / "c.yaml", cfg)
+    run = tmp_path / "run"
+    assert main(["campaign", "run", str(conf), "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "cycle " in err and "member " in err and "(rank 0)" in err and "not committed" in err
+    prog = json.loads((run / cp.PROGRESS).read_text())
+    c = int(err.split("cycle ")[1].split(":")[0])
+    assert prog["cycles_done"] == c
+
+
+def test_status_and_report(tmp_path, capsys):
+    cfg = make_cfg("ensf-gaussian", cycles=8)
+    run = tmp_path / "run"
+    in_process(cfg, run)
+    capsys.readouterr()
+    assert main(["campaign", "status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "8/8 cycles committed" in out and "rmse_a" in out and "ms" in out
+    assert main(["campaign", "report", str(run)]) == 0
+    assert (run / "report_metrics.png").stat().st_size > 1000
+    md = (run / "report.md").read_text()
+    assert "| analysis RMSE" in md and "θ F" in md
+    ds = xr.open_zarr(run / cp.STORE, consolidated=False)
+    assert ds["theta_particles"].encoding["chunks"] == (1, 1, 1)
+    assert ds["rmse_a"].encoding["chunks"] == (1,)
