@@ -318,9 +318,10 @@ def assimilate(cfg: AssimilateConfig, out: str | Path, overwrite: bool = False,
     ds = Twin(cfg).run()
     write_dataset(ds, out, dump(cfg))
     if plots:
-        from pipeline.report import plot_assimilation
+        from pipeline.report import plot_assimilation, plot_state_snapshot
 
         plot_assimilation(ds, out.with_name(out.stem + "_metrics.png"))
+        plot_state_snapshot(ds, out.with_name(out.stem + "_state.png"))
     return ds
 
 

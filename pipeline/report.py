@@ -94,3 +94,41 @@ def plot_assimilation(ds: xr.Dataset, path: str | Path) -> None:
         ax.legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("time")
     _save(fig, Path(path))
+
+
+def plot_state_snapshot(ds: xr.Dataset, path: str | Path, cycle: int = -1) -> bool:
+    """Truth, analysis mean and analysis spread at one cycle (fields stored per cycle).
+
+    2-D states (Kolmogorov vorticity) are shown as images, 1-D states as curves. Returns False
+    (and writes nothing) when the run did not store its fields.
+    """
+    if not all(k in ds for k in ("truth", "mean_a", "spread_field")):
+        return False
+    sel = {"cycle": cycle}
+    truth, mean, spread = (ds[k].isel(sel).values for k in ("truth", "mean_a", "spread_field"))
+    c = int(ds["cycle"].values[cycle])
+    title = f"{ds.attrs.get('model', '')} {ds.attrs.get('method', '')}, cycle {c}"
+    if truth.ndim == 2:
+        lim = float(np.abs(truth).max())
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), constrained_layout=True)
+        for ax, field, name in zip(axes[:2], (truth, mean), ("truth", "analysis mean"),
+                                   strict=True):
+            im = ax.imshow(field, origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim)
+            ax.set_title(name)
+        fig.colorbar(im, ax=axes[:2], shrink=0.8)
+        im = axes[2].imshow(spread, origin="lower", cmap="viridis")
+        axes[2].set_title("analysis spread")
+        fig.colorbar(im, ax=axes[2], shrink=0.8)
+    else:
+        truth, mean, spread = (a.reshape(-1) for a in (truth, mean, spread))
+        fig, ax = plt.subplots(figsize=(10, 3.5), constrained_layout=True)
+        x = np.arange(truth.size)
+        ax.fill_between(x, mean - 2 * spread, mean + 2 * spread, color="C0", alpha=0.25,
+                        label="mean ± 2 spread")
+        ax.plot(x, mean, color="C0", lw=1, label="analysis mean")
+        ax.plot(x, truth, color="k", lw=0.8, ls="--", label="truth")
+        ax.set_xlabel("state component")
+        ax.legend(loc="upper right", fontsize=8)
+    fig.suptitle(title)
+    _save(fig, Path(path))
+    return True

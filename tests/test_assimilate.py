@@ -162,3 +162,18 @@ def test_truth_shocks_are_keyed_and_hit_a_fraction():
     assert 2 <= int((a != 0).sum()) <= 20
     quiet = Twin(_cfg(cycles=5, burn_in=0))
     assert torch.equal(quiet._shock(x, 3), x)
+
+
+def test_state_snapshot_plot(tmp_path):
+    from pipeline.report import plot_state_snapshot
+
+    ds = Twin(_cfg(cycles=3, burn_in=0)).run()
+    assert plot_state_snapshot(ds, tmp_path / "s.png") and (tmp_path / "s.png").stat().st_size > 1000
+    cfg = validate({"model": {"name": "kolmogorov", "size": 16}, "members": 4, "cycles": 2,
+                    "truth_spinup": 10, "observation": {"kind": "coarse_pool",
+                                                        "options": {"factor": 4}},
+                    "filter": {"method": "enkf"}}, AssimilateConfig)
+    ds2 = Twin(cfg).run()
+    assert plot_state_snapshot(ds2, tmp_path / "k.png")
+    assert not plot_state_snapshot(ds2.drop_vars("truth"), tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
