@@ -214,7 +214,8 @@ def format_table(entries: list[Entry]) -> str:
 
 
 #: modules that register further suites with ``@suite`` when imported
-SUITE_MODULES: list[str] = ["pipeline.bench_generate", "pipeline.bench_filters"]
+SUITE_MODULES: list[str] = ["pipeline.bench_generate", "pipeline.bench_filters",
+                             "pipeline.bench_campaign"]
 
 
 def _load_suites() -> None:

@@ -18,6 +18,11 @@ their θ particles. Per cycle:
    ``checkpoints/cycle-KKKKKK/``; barrier; rank 0 replaces ``progress.json`` atomically (temp,
    fsync, rename); barrier.
 
+Observations come from the twin run or, with ``observations: {path, variable, sigma}``, from a
+netCDF/Zarr file validated before anything is written (no truth then: truth metrics are NaN and
+``rmse_obs_*`` measure the fit in observation space). Per cycle rank 0 records the seconds spent
+in forecast, analysis, communication and I/O (``seconds_*``; ``scoreda bench campaign``).
+
 Determinism rule: one torch thread per rank (``threads``, default 1) and the full analysis on
 every rank make R = 1, 2, 4 run the same arithmetic on the same numbers: results are identical
 bit for bit for every method. The price is an O(N·D) allgather per cycle (docs/campaign.md).
@@ -37,14 +42,18 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.assimilate import Twin, summary_lines
+from kernels.assimilation import Analysis
+from kernels.observe import check_observations
+from pipeline.assimilate import Twin, filter_spec, summary_lines
 from pipeline.config import CampaignConfig, ConfigError, dump, load_yaml, resolve_config_path, validate
 from pipeline.runtime import (
     StopSignals,
@@ -68,6 +77,11 @@ MUTABLE_KEYS = ("checkpoint_every", "keep_checkpoints", "blowup")
 _CKPT_DIR = re.compile(r"^cycle-(\d{6})$")
 _CKPT_FILE = re.compile(r"^members-(\d{6})-(\d{6})\.pt$")
 _ERRORS = (ConfigError, OutputError, DivergenceError)
+#: per-cycle timing split (rank 0's seconds), stored as ``seconds_<phase>`` with ``seconds_wall``
+PHASES = ("forecast", "analysis", "comm", "io")
+TIMING_VARS = tuple(f"seconds_{p}" for p in PHASES) + ("seconds_wall",)
+#: metrics that need the truth (NaN when the observations come from a file)
+TRUTH_METRICS = ("rmse_f", "rmse_a", "crps_a")
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +104,8 @@ def hashed_config(cfg: CampaignConfig) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
     for k in MUTABLE_KEYS:
         d.pop(k, None)
+    if d.get("observations") is None:  # runs made before the key existed keep their hash
+        d.pop("observations", None)
     return d
 
 
@@ -110,6 +126,102 @@ def load_campaign_config(path: str | Path) -> CampaignConfig:
     cfg = validate(data, CampaignConfig, str(path))
     assert isinstance(cfg, CampaignConfig)
     return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# observations from a file (instead of the twin's truth run)
+@dataclass
+class ObservationFile:
+    """Validated observations of the cycles a campaign uses, read from a netCDF/Zarr file."""
+
+    path: Path
+    y: np.ndarray                       # (cycles, m) float64
+    sigma: float | np.ndarray | None    # from the file; None: the config's observation.sigma
+    digest: str                         # blake2b of y and sigma: a resume refuses a changed file
+
+    def sigma_for(self, twin: Twin) -> float | torch.Tensor:
+        if self.sigma is None:
+            return twin.sigma
+        if isinstance(self.sigma, float):
+            return self.sigma
+        return torch.from_numpy(self.sigma).to(twin.dtype)
+
+
+def load_observations(cfg: CampaignConfig, m: int) -> ObservationFile | None:
+    """Open and validate ``cfg.observations`` (None: observations come from the twin run).
+
+    Every failure is one ``ConfigError``/``OutputError`` line naming the file and the problem.
+    """
+    import xarray as xr
+
+    spec = cfg.observations
+    if spec is None:
+        return None
+    path = Path(spec.path)
+    if not path.exists():
+        raise ConfigError(f"{path}: observation file does not exist (observations.path)")
+    if path.suffix == ".nc":
+        opener = lambda: xr.open_dataset(path, engine="netcdf4")  # noqa: E731
+    elif path.suffix == ".zarr" or path.is_dir():
+        opener = lambda: xr.open_zarr(path, consolidated=False)  # noqa: E731
+    else:
+        raise ConfigError(f"{path}: observation file must be netCDF (.nc) or Zarr (.zarr)")
+    try:
+        ds = opener()
+    except Exception as exc:  # netCDF4/zarr raise many types for unreadable files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OutputError(f"{path}: cannot open the observation file ({msg})") from None
+    with ds:
+        var = spec.variable
+        if var not in ds.data_vars:
+            known = ", ".join(map(str, ds.data_vars)) or "none"
+            raise ConfigError(f"{path}: no variable {var!r} (observations.variable; "
+                              f"variables: {known})")
+        da = ds[var]
+        if da.dims != ("cycle", "obs"):
+            raise ConfigError(f"{path}: {var} has dims {da.dims}; expected ('cycle', 'obs')")
+        nc, no = da.shape
+        if nc < cfg.cycles:
+            raise ConfigError(f"{path}: {var} has {nc} cycles; the config needs {cfg.cycles}")
+        if no != m:
+            raise ConfigError(f"{path}: {var} has {no} observations per cycle; the observation "
+                              f"operator ({cfg.observation.kind}) gives {m}")
+        if da.dtype.kind != "f":
+            raise ConfigError(f"{path}: {var} has dtype {da.dtype}; expected floating point")
+        try:
+            y = np.asarray(da.isel(cycle=slice(0, cfg.cycles)).values, dtype=np.float64)
+        except Exception as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise OutputError(f"{path}: cannot read {var} ({msg})") from None
+        bad = ~np.isfinite(y)
+        if bad.any():
+            c = int(np.argwhere(bad.any(axis=1))[0, 0])
+            raise ConfigError(f"{path}: {var} has {int(bad.sum())} NaN/inf value(s) in the "
+                              f"{cfg.cycles} cycles used (first in cycle {c})")
+        sigma: float | np.ndarray | None = None
+        sname = spec.sigma
+        if sname in ds.data_vars:
+            sv = ds[sname]
+            if sv.dims not in ((), ("obs",)) or (sv.dims == ("obs",) and sv.shape[0] != m):
+                raise ConfigError(f"{path}: {sname} has dims {sv.dims} and shape {sv.shape}; "
+                                  f"expected a scalar or ('obs',) of {m}")
+            arr = np.asarray(sv.values, dtype=np.float64)
+            sigma = float(arr) if arr.ndim == 0 else arr
+        elif sname in da.attrs or sname in ds.attrs:
+            raw = da.attrs.get(sname, ds.attrs.get(sname))
+            try:
+                sigma = float(np.asarray(raw, dtype=np.float64).reshape(()))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path}: attribute {sname} = {raw!r} is not a number") from None
+    sig: float | torch.Tensor = (cfg.observation.sigma if sigma is None else sigma
+                                 if isinstance(sigma, float) else torch.from_numpy(sigma))
+    try:
+        check_observations(torch.from_numpy(y), m, sig)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    h = hashlib.blake2b(y.tobytes(), digest_size=16)
+    h.update(b"none" if sigma is None else np.asarray(sigma, dtype=np.float64).tobytes())
+    return ObservationFile(path, y, sigma, h.hexdigest())
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +274,8 @@ def _now() -> str:
 
 # --------------------------------------------------------------------------------------------
 # the Zarr store: one chunk per cycle along the cycle axis, one member per chunk for θ rows
-def _create_store(cfg: CampaignConfig, twin: Twin, path: Path) -> None:
+def _create_store(cfg: CampaignConfig, twin: Twin, path: Path,
+                  obs: ObservationFile | None = None) -> None:
     import dask.array as da
     import xarray as xr
 
@@ -189,24 +302,40 @@ def _create_store(cfg: CampaignConfig, twin: Twin, path: Path) -> None:
                        ("spread_f", "forecast ensemble spread"),
                        ("spread_a", "analysis ensemble spread"),
                        ("crps_a", "analysis CRPS, mean over state components"),
-                       ("seconds", "wall-clock seconds of the cycle (not reproducible)")]:
+                       ("rmse_obs_f", "RMS of y - ensemble mean of H(forecast)"),
+                       ("rmse_obs_a", "RMS of y - ensemble mean of H(analysis)"),
+                       ("seconds", "wall-clock seconds of forecast + analysis (not reproducible)"),
+                       ("seconds_forecast", "rank 0: seconds in the forecast"),
+                       ("seconds_analysis", "rank 0: seconds in the (replicated) analysis"),
+                       ("seconds_comm", "rank 0: seconds in allgathers, barriers, allreduce "
+                                        "(includes waiting for slower ranks)"),
+                       ("seconds_io", "rank 0: seconds in store writes, checkpoint, commit"),
+                       ("seconds_wall", "rank 0: wall-clock seconds of the whole cycle, "
+                                        "commit included")]:
         add(name, ("cycle",), (c,), (1,), long)
     add("y", ("cycle", "obs"), (c, nobs), (1, nobs), "observations")
+    data["y"][2]["sigma"] = float(cfg.observation.sigma) if obs is None or obs.sigma is None \
+        else obs.sigma if isinstance(obs.sigma, float) else float("nan")
+    if obs is not None and isinstance(obs.sigma, np.ndarray):
+        data["sigma"] = (("obs",), obs.sigma, {"long_name": "observation noise std"})
     if p:
         add("theta_particles", ("cycle", "member", "param"), (c, n, p), (1, 1, p),
             "analysis θ particles")
         for name in ("theta_mean", "theta_q05", "theta_q95"):
             add(name, ("cycle", "param"), (c, p), (1, p), name.replace("_", " "))
-        truth = m.truth_theta(1, cfg.model.params, dtype=torch.float64)[0, twin.est_idx].numpy()
-        data["theta_truth"] = (("param",), truth, {"long_name": "true θ"})
+        if obs is None:  # with observations from a file the true θ is unknown
+            truth = m.truth_theta(1, cfg.model.params, dtype=torch.float64)[0, twin.est_idx]
+            data["theta_truth"] = (("param",), truth.numpy(), {"long_name": "true θ"})
     if twin.store_states:
         shape = tuple(m.state_shape)
         dims = tuple(f"s{i}" for i in range(len(shape)))
         for name, long in [("truth", "truth"), ("mean_a", "analysis mean"),
                            ("spread_field", "analysis spread")]:
-            add(name, ("cycle", *dims), (c, *shape), (1, *shape), long)
+            if name != "truth" or obs is None:
+                add(name, ("cycle", *dims), (c, *shape), (1, *shape), long)
     attrs = {"Conventions": "CF-1.8", "model": m.name, "method": cfg.filter.method,
-             "burn_in": cfg.burn_in, "config": dump(cfg), "config_hash": config_hash(cfg)}
+             "burn_in": cfg.burn_in, "config": dump(cfg), "config_hash": config_hash(cfg),
+             "observations": "twin" if obs is None else str(obs.path)}
     ds = xr.Dataset(data, coords=coords, attrs=attrs)
     atomic_write(path, lambda tmp: ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False,
                                               compute=False, encoding=enc))
@@ -220,8 +349,11 @@ class _StoreWriter:
 
         self.group = zarr.open_group(path, mode="r+", zarr_format=3)
         self.arrays: dict[str, Any] = {}
+        self.names = set(self.group.array_keys())
 
     def __call__(self, name: str, index: Any, value: Any) -> None:
+        if name not in self.names:
+            return  # a store made by an older version lacks the newer variables
         if name not in self.arrays:
             self.arrays[name] = self.group[name]
         if isinstance(value, torch.Tensor):
@@ -249,7 +381,11 @@ def open_run(run_dir: str | Path, committed_only: bool = True):  # -> xr.Dataset
         rmse_a_mean=float(ds["rmse_a"].values[s].mean()) if done else float("nan"),
         rmse_f_mean=float(ds["rmse_f"].values[s].mean()) if done else float("nan"),
         spread_a_mean=float(ds["spread_a"].values[s].mean()) if done else float("nan"),
-        seconds_per_cycle=float(np.nanmean(secs)) if done else float("nan"))
+        seconds_per_cycle=float(np.nanmean(secs)) if done else float("nan"),
+        truth_known=int(cfg.observations is None))
+    if "rmse_obs_a" in ds:
+        ds.attrs["rmse_obs_a_mean"] = float(ds["rmse_obs_a"].values[s].mean()) if done else math.nan
+        ds.attrs["rmse_obs_f_mean"] = float(ds["rmse_obs_f"].values[s].mean()) if done else math.nan
     if done and "theta_particles" in ds:
         th = ds["theta_particles"].values[done - 1]
         lo, hi = np.quantile(th, [0.05, 0.95], axis=0)
@@ -370,29 +506,81 @@ def _diverged(c: int, member: int, rank: int, what: str, where: str, done: int) 
                            f"cycle {c} is not committed (last committed cycle: {done - 1})")
 
 
+@dataclass
+class _Split:
+    """Seconds per phase of one cycle on this rank (see :data:`PHASES`)."""
+
+    s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.s[phase] += time.perf_counter() - t0
+
+
+def _observation_space(twin: Twin, rec: dict[str, Any], ens_f: torch.Tensor,
+                       ens_a: torch.Tensor, y: torch.Tensor) -> None:
+    """Add ``rmse_obs_f``/``rmse_obs_a`` (RMS of y − ensemble mean of H(x)) to ``rec``."""
+    for key, ens in (("rmse_obs_f", ens_f), ("rmse_obs_a", ens_a)):
+        hx = twin.op(ens).reshape(ens.shape[0], -1).mean(0)
+        rec[key] = ((y.reshape(-1) - hx) ** 2).mean().sqrt()
+
+
+def _record_without_truth(twin: Twin, ens_f: torch.Tensor, ens_a: torch.Tensor,
+                          theta_a: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """``Twin._record`` for observations from a file: metrics needing the truth are NaN."""
+    n = ens_f.shape[0]
+    xf, xa = ens_f.reshape(n, -1), ens_a.reshape(n, -1)
+    nan = torch.tensor(math.nan, dtype=xa.dtype)
+    from kernels import metrics
+
+    rec: dict[str, Any] = {"rmse_f": nan, "rmse_a": nan, "crps_a": nan,
+                           "spread_f": metrics.spread(xf), "spread_a": metrics.spread(xa),
+                           "theta": theta_a[:, twin.est_idx], "y": y}
+    if twin.store_states:
+        rec["mean_a"], rec["spread_field"] = xa.mean(0), xa.std(0)
+    return rec
+
+
 class Campaign:
     """One rank's view of a campaign in ``run_dir``."""
 
-    def __init__(self, cfg: CampaignConfig, run_dir: Path, comm: Any) -> None:
+    def __init__(self, cfg: CampaignConfig, run_dir: Path, comm: Any,
+                 obs: ObservationFile | None = None) -> None:
         self.cfg, self.run_dir, self.comm = cfg, run_dir, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.members = member_slice(cfg.members, self.size, self.rank)
         self.twin = Twin(cfg)
+        self.obs = obs
+        if obs is not None and obs.sigma is not None:
+            tw = self.twin
+            tw.sigma = obs.sigma_for(tw)
+            tw.analysis = Analysis(tw.op, tw.sigma, len(tw.est_idx), filter_spec(cfg))
         self.hash = config_hash(cfg)
         self.log = rank_logger(run_dir / LOGS, self.rank)
+
+    def metric_keys(self) -> tuple[str, ...]:
+        if self.obs is None:
+            return ("rmse_f", "rmse_a", "spread_f", "spread_a", "crps_a", "rmse_obs_a")
+        return ("rmse_obs_f", "rmse_obs_a", "spread_f", "spread_a")
 
     # -- commit helpers --------------------------------------------------------------------
     def _write_cycle(self, w: _StoreWriter, c: int, rec: dict[str, torch.Tensor] | None,
                      theta_rows: torch.Tensor, seconds: float) -> None:
         if self.rank == 0 and rec is not None:
-            for key in ("rmse_f", "rmse_a", "spread_f", "spread_a", "crps_a"):
+            for key in ("rmse_f", "rmse_a", "spread_f", "spread_a", "crps_a", "rmse_obs_f",
+                        "rmse_obs_a"):
                 w(key, c, float(rec[key]))
             w("seconds", c, seconds)
             w("y", (c, slice(None)), rec["y"])
-            if "truth" in rec:
+            if "mean_a" in rec:
                 shape = tuple(self.twin.model.state_shape)
                 for key in ("truth", "mean_a", "spread_field"):
-                    w(key, (c, ...), rec[key].reshape(shape))
+                    if key in rec:
+                        w(key, (c, ...), rec[key].reshape(shape))
             if self.twin.est_idx:
                 th = rec["theta"].detach().cpu().to(torch.float64).numpy()
                 lo, hi = np.quantile(th, [0.05, 0.95], axis=0)
@@ -403,22 +591,26 @@ class Campaign:
             w("theta_particles", (c, slice(self.members.start, self.members.stop), slice(None)),
               theta_rows)
 
-    def _checkpoint(self, st: _Slice) -> None:
+    def _checkpoint(self, st: _Slice, tm: _Split | None = None) -> None:
+        tm = tm if tm is not None else _Split()
         k = st.cycles_done
         d = _ckpt_dir(self.run_dir, k)
         if self.rank == 0:
-            # a dir left by an uncommitted attempt (maybe with another rank count) starts afresh
-            shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
-            _save_tensors(d / "truth.pt", {"truth": st.truth.detach().cpu()})
-        self.comm.Barrier()
+            with tm("io"):
+                # a dir left by an uncommitted attempt (maybe with another R) starts afresh
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir(parents=True)
+                _save_tensors(d / "truth.pt", {"truth": st.truth.detach().cpu()})
+        with tm("comm"):
+            self.comm.Barrier()
         if len(self.members):
             a, b = self.members.start, self.members.stop - 1
             obj = {"ensemble": st.ensemble.detach().cpu().contiguous(),
                    "theta": st.theta.detach().cpu().contiguous(),
                    "members": torch.tensor([a, b])}
             _die_at(k - 1, "checkpoint", self.rank)
-            _save_tensors(d / f"members-{a:06d}-{b:06d}.pt", obj)
+            with tm("io"):
+                _save_tensors(d / f"members-{a:06d}-{b:06d}.pt", obj)
 
     def _prune(self, keep_upto: int) -> None:
         """Keep the newest ``keep_checkpoints`` checkpoints at or below ``keep_upto``."""
@@ -430,48 +622,64 @@ class Campaign:
     def run(self, st: _Slice, prog: dict[str, Any]) -> int:
         cfg, twin, m, comm = self.cfg, self.twin, self.twin.model, self.comm
         n, d = cfg.members, math.prod(m.state_shape)
+        obs = self.obs
+        y_file = None if obs is None else torch.from_numpy(obs.y).to(twin.dtype)
         w = agree(comm, lambda: _StoreWriter(self.run_dir / STORE), _ERRORS)
         self.log.info("start at cycle %d of %d, %d ranks, members [%d, %d)", st.cycles_done,
                       cfg.cycles, self.size, self.members.start, self.members.stop)
         with StopSignals() as stop, progress(cfg.cycles, "campaign", unit="cycle",
                                              initial=st.cycles_done) as bar:
             for c in range(st.cycles_done, cfg.cycles):
+                tm = _Split()
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    truth = twin.advance_truth(st.truth, c)
-                    ens_f = twin.forecast(st.ensemble, st.theta)
+                    # with observations from a file there is no truth: it stays the spun-up
+                    # initial state (the initial ensemble's centre), never advanced
+                    truth = twin.advance_truth(st.truth, c) if obs is None else st.truth
+                    with tm("forecast"):
+                        ens_f = twin.forecast(st.ensemble, st.theta)
                     _die_at(c, "forecast", self.rank)
                     bad = _bad_member(ens_f, cfg.blowup) if len(self.members) else None
-                    found = comm.allgather(None if bad is None else
-                                           (self.members.start + bad[0], bad[1]))
+                    with tm("comm"):
+                        found = comm.allgather(None if bad is None else
+                                               (self.members.start + bad[0], bad[1]))
                     for r, f in enumerate(found):
                         if f is not None:
                             self.log.error("diverged: cycle %d member %d", c, f[0])
                             raise _diverged(c, f[0], r, f[1], "forecast", c)
-                    y = twin.observe(truth, c)
+                    y = twin.observe(truth, c) if y_file is None else y_file[c]
                     z_loc = twin.augment(ens_f, st.theta)
-                    parts = comm.allgather(z_loc.cpu().numpy())
+                    with tm("comm"):
+                        parts = comm.allgather(z_loc.cpu().numpy())
+                        theta_parts = comm.allgather(st.theta.cpu())
                     z = torch.from_numpy(np.concatenate(parts)).to(z_loc)
-                    theta_full = torch.cat(comm.allgather(st.theta.cpu())).to(st.theta)
-                    ens_a, theta_a = twin.analyse(z, y, theta_full, c)
+                    theta_full = torch.cat(theta_parts).to(st.theta)
+                    with tm("analysis"):
+                        ens_a, theta_a = twin.analyse(z, y, theta_full, c)
                     bad = _bad_member(torch.cat([ens_a.reshape(n, -1), theta_a], 1), cfg.blowup)
                     if bad is not None:
                         raise _diverged(c, bad[0], owner_of(bad[0], n, self.size), bad[1],
                                         "analysis", c)
                     ens_f_full = z[:, :d].reshape(n, *m.state_shape)
-                    rec = twin._record(truth, ens_f_full, ens_a, theta_a, y) if self.rank == 0 else None
+                    rec = None
+                    if self.rank == 0:
+                        rec = (twin._record(truth, ens_f_full, ens_a, theta_a, y) if obs is None
+                               else _record_without_truth(twin, ens_f_full, ens_a, theta_a, y))
+                        _observation_space(twin, rec, ens_f_full, ens_a, y)
                     mine = slice(self.members.start, self.members.stop)
                     theta_rows = theta_a[mine, :][:, twin.est_idx].clone()
                     th_new = twin.roughen_theta(theta_a[mine].clone(), self.members, c)
                     st = _Slice(truth, ens_a[mine].clone(), th_new, c + 1)
                 seconds = time.perf_counter() - t0
                 # -- commit ------------------------------------------------------------------
-                self._write_cycle(w, c, rec, theta_rows, seconds)
+                with tm("io"):
+                    self._write_cycle(w, c, rec, theta_rows, seconds)
                 _die_at(c, "store", self.rank)
                 due = (c + 1) % cfg.checkpoint_every == 0 or c + 1 == cfg.cycles
                 if due:
-                    self._checkpoint(st)
-                comm.Barrier()
+                    self._checkpoint(st, tm)
+                with tm("comm"):
+                    comm.Barrier()
                 if self.rank == 0:
                     assert rec is not None
                     ck = c + 1 if due else prog["checkpoint"]
@@ -481,18 +689,28 @@ class Campaign:
                             "updated": _now(),
                             "seconds_total": float(prog.get("seconds_total", 0.0)) + seconds,
                             "last_seconds": seconds,
-                            "last_metrics": {key: float(rec[key]) for key in
-                                             ("rmse_f", "rmse_a", "spread_f", "spread_a", "crps_a")}}
-                    write_progress(self.run_dir, prog, c, self.rank)
-                    _die_at(c, "committed", self.rank)
-                    self._prune(ck)
-                comm.Barrier()
+                            "last_metrics": {key: float(rec[key]) for key in self.metric_keys()}}
+                    with tm("io"):
+                        write_progress(self.run_dir, prog, c, self.rank)
+                        _die_at(c, "committed", self.rank)
+                        self._prune(ck)
+                with tm("comm"):
+                    comm.Barrier()
+                shown = "rmse_a" if obs is None else "rmse_obs_a"
                 self.log.info("committed cycle %d (%.3f s)%s", c, seconds,
-                              f" rmse_a {float(rec['rmse_a']):.4f}" if rec is not None else "")
+                              f" {shown} {float(rec[shown]):.4f}" if rec is not None else "")
                 bar.update(1)
                 if rec is not None:
-                    bar.set_postfix(rmse=f"{float(rec['rmse_a']):.3f}", refresh=False)
-                stop_now = comm.allreduce(1 if stop.requested else 0, op=_max())
+                    bar.set_postfix(rmse=f"{float(rec[shown]):.3f}", refresh=False)
+                with tm("comm"):
+                    stop_now = comm.allreduce(1 if stop.requested else 0, op=_max())
+                if self.rank == 0:
+                    # the timing split of a committed cycle: written after its commit (a kill
+                    # here leaves NaN, which only means "not recorded"); not itself timed
+                    wall = time.perf_counter() - t0
+                    for phase in PHASES:
+                        w(f"seconds_{phase}", c, tm.s[phase])
+                    w("seconds_wall", c, wall)
                 if stop_now and c + 1 < cfg.cycles:
                     self.log.info("stop signal (%s): exiting after committed cycle %d",
                                   stop.signal or "on another rank", c)
@@ -520,6 +738,8 @@ def start(cfg: CampaignConfig, run_dir: str | Path, overwrite: bool = False,
     comm = comm if comm is not None else world()
     run_dir = Path(run_dir)
     torch.set_num_threads(cfg.threads)
+    # the observation file is validated on every rank before anything is written
+    obs = agree(comm, lambda: load_observations(cfg, _n_obs(cfg)), _ERRORS)
 
     def create() -> None:
         if comm.Get_rank() != 0:
@@ -535,17 +755,19 @@ def start(cfg: CampaignConfig, run_dir: str | Path, overwrite: bool = False,
         try:
             run_dir.mkdir(parents=True)
             write_text_atomic(run_dir / CONFIG, dump(cfg))
-            _create_store(cfg, Twin(cfg), run_dir / STORE)
-            write_progress(run_dir, {"cycles_done": 0, "checkpoint": 0, "cycles": cfg.cycles,
-                                     "ranks": comm.Get_size(), "config_hash": config_hash(cfg),
-                                     "started": _now(), "updated": _now(),
-                                     "seconds_total": 0.0})
+            _create_store(cfg, Twin(cfg), run_dir / STORE, obs)
+            rec = {"cycles_done": 0, "checkpoint": 0, "cycles": cfg.cycles,
+                   "ranks": comm.Get_size(), "config_hash": config_hash(cfg),
+                   "started": _now(), "updated": _now(), "seconds_total": 0.0}
+            if obs is not None:
+                rec["observations_digest"] = obs.digest
+            write_progress(run_dir, rec)
         except OSError as exc:
             raise OutputError(f"{run_dir}: cannot create the run directory "
                               f"({exc.strerror or exc})") from None
 
     agree(comm, create, _ERRORS)
-    camp = Campaign(cfg, run_dir, comm)
+    camp = Campaign(cfg, run_dir, comm, obs)
     st = _initial_slice(camp.twin, camp.members)
     return camp.run(st, read_progress(run_dir))
 
@@ -559,7 +781,7 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
     comm = comm if comm is not None else world()
     run_dir = Path(run_dir)
 
-    def check() -> tuple[CampaignConfig, dict[str, Any]]:
+    def check() -> tuple[CampaignConfig, dict[str, Any], ObservationFile | None]:
         cfg = read_run_config(run_dir)
         prog = read_progress(run_dir)
         if prog["config_hash"] != config_hash(cfg):
@@ -572,9 +794,13 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
                                   f"{first_difference(hashed_config(cfg), hashed_config(config))}"
                                   f"; only {', '.join(MUTABLE_KEYS)} may change")
             cfg = config
-        return cfg, prog
+        obs = load_observations(cfg, _n_obs(cfg))
+        if obs is not None and prog.get("observations_digest") != obs.digest:
+            raise OutputError(f"{obs.path}: the observations differ from those the run in "
+                              f"{run_dir} started with; refusing to resume")
+        return cfg, prog, obs
 
-    cfg, prog = agree(comm, check, _ERRORS)
+    cfg, prog, obs = agree(comm, check, _ERRORS)
     torch.set_num_threads(cfg.threads)
     if comm.Get_rank() == 0 and config is not None:
         write_text_atomic(run_dir / CONFIG, dump(cfg))
@@ -583,7 +809,7 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
         if comm.Get_rank() == 0:
             print(f"campaign: {run_dir} is complete ({done}/{cfg.cycles} cycles)")
         return EXIT_DONE
-    camp = Campaign(cfg, run_dir, comm)
+    camp = Campaign(cfg, run_dir, comm, obs)
 
     def load() -> _Slice:
         if k == 0:
@@ -605,6 +831,37 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
     return camp.run(st, prog)
 
 
+def _n_obs(cfg: CampaignConfig) -> int:
+    """Observations per cycle of the config's operator (without building a whole Twin)."""
+    from kernels.observe import make_operator
+
+    o = cfg.observation
+    return int(make_operator(o.kind, cfg.model.build().state_shape, nonlinearity=o.nonlinearity,
+                             **o.options).m)
+
+
+def timing_split(run_dir: str | Path) -> dict[str, float] | None:
+    """Mean seconds per committed cycle of each phase (rank 0), or None if none recorded."""
+    import xarray as xr
+
+    run_dir = Path(run_dir)
+    done = int(read_progress(run_dir)["cycles_done"])
+    try:
+        ds = xr.open_zarr(run_dir / STORE, consolidated=False)
+    except Exception:  # noqa: BLE001 - status must still print the rest
+        return None
+    if not done or "seconds_wall" not in ds:
+        return None
+    out: dict[str, float] = {}
+    with ds:
+        for name in TIMING_VARS:
+            v = ds[name].isel(cycle=slice(0, done)).values
+            if not np.isfinite(v).any():
+                return None
+            out[name.removeprefix("seconds_")] = float(np.nanmean(v))
+    return out
+
+
 def status_lines(run_dir: str | Path) -> list[str]:
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -620,13 +877,24 @@ def status_lines(run_dir: str | Path) -> list[str]:
         out.append("  last cycle: " + ", ".join(f"{k} {v:.4g}" for k, v in lm.items()))
         out.append(f"  time per cycle: {secs * 1e3:.1f} ms (mean over all attempts), "
                    f"last {float(prog.get('last_seconds', 0)) * 1e3:.1f} ms")
+        split = timing_split(run_dir)
+        if split is not None:
+            wall = split["wall"]
+            parts = [f"{p} {split[p] * 1e3:.1f} ms ({split[p] / wall:.0%})" for p in PHASES]
+            other = wall - sum(split[p] for p in PHASES)
+            out.append(f"  time split per cycle (rank 0, mean): wall {wall * 1e3:.1f} ms = "
+                       + ", ".join(parts) + f", other {other * 1e3:.1f} ms")
+    if cfg.observations is not None:
+        out.append(f"  observations from {cfg.observations.path} (variable "
+                   f"{cfg.observations.variable}); no truth: rmse/crps are NaN, rmse_obs_* are "
+                   "observation-space errors")
     return out
 
 
 def report(run_dir: str | Path) -> list[Path]:
     """PNG plots (RMSE/spread, θ with 90% intervals) and a markdown summary of the committed
     cycles; returns the written paths."""
-    from pipeline.report import plot_assimilation
+    from pipeline.report import plot_assimilation, plot_state_snapshot
     from pipeline.storage import write_text_atomic as _w
 
     run_dir = Path(run_dir)
@@ -634,27 +902,79 @@ def report(run_dir: str | Path) -> list[Path]:
     if ds.attrs["cycles_done"] == 0:
         raise OutputError(f"{run_dir}: no committed cycle to report yet")
     png = run_dir / "report_metrics.png"
-    plot_assimilation(ds, png)
+    known = bool(ds.attrs.get("truth_known", 1))
+    plot_assimilation(ds if known else _obs_space_view(ds), png)
     a = ds.attrs
     rows = [("cycles committed", f"{a['cycles_done']}"),
             ("model / method", f"{a['model']} / {a['method']}"),
-            ("members", f"{ds.sizes['member']}"),
-            ("analysis RMSE (after burn-in)", f"{a['rmse_a_mean']:.4f}"),
-            ("forecast RMSE (after burn-in)", f"{a['rmse_f_mean']:.4f}"),
-            ("analysis spread (after burn-in)", f"{a['spread_a_mean']:.4f}"),
-            ("seconds per cycle", f"{a['seconds_per_cycle']:.4f}")]
-    for name in ds["param"].values if "theta_truth" in ds else []:
-        truth = float(ds["theta_truth"].sel(param=name))
+            ("members", f"{ds.sizes['member']}")]
+    if known:
+        rows += [("analysis RMSE (after burn-in)", f"{a['rmse_a_mean']:.4f}"),
+                 ("forecast RMSE (after burn-in)", f"{a['rmse_f_mean']:.4f}")]
+    else:
+        rows += [("observations", f"{ds.attrs.get('observations')} (no truth: RMSE and CRPS "
+                                  "unknown)")]
+    if "rmse_obs_a_mean" in a:
+        rows += [("analysis obs-space RMS of y - H(x) (after burn-in)",
+                  f"{a['rmse_obs_a_mean']:.4f}"),
+                 ("forecast obs-space RMS of y - H(x) (after burn-in)",
+                  f"{a['rmse_obs_f_mean']:.4f}")]
+    rows += [("analysis spread (after burn-in)", f"{a['spread_a_mean']:.4f}"),
+             ("seconds per cycle", f"{a['seconds_per_cycle']:.4f}")]
+    split = timing_split(run_dir)
+    if split is not None:
+        rows.append(("time split per cycle, ms (rank 0)",
+                     ", ".join(f"{k} {v * 1e3:.1f}" for k, v in split.items())))
+    for name in ds["param"].values if "param" in ds.coords else []:
         lo, hi = a[f"theta_{name}_final_q05"], a[f"theta_{name}_final_q95"]
+        mean = a[f"theta_{name}_final_mean"]
+        if "theta_truth" not in ds:
+            rows.append((f"θ {name}: final mean [90% interval] (truth unknown)",
+                         f"{mean:.4g} [{lo:.4g}, {hi:.4g}]"))
+            continue
+        truth = float(ds["theta_truth"].sel(param=name))
         rows.append((f"θ {name}: final mean [90% interval] (truth)",
-                     f"{a[f'theta_{name}_final_mean']:.4g} [{lo:.4g}, {hi:.4g}] ({truth:.4g}, "
+                     f"{mean:.4g} [{lo:.4g}, {hi:.4g}] ({truth:.4g}, "
                      f"{'covered' if lo <= truth <= hi else 'NOT covered'})"))
+    written = [png]
     md = [f"# Campaign report: {run_dir.name}", "", "| quantity | value |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in rows]
     md += ["", f"![metrics]({png.name})", ""]
+    state_png = run_dir / "report_state.png"
+    if plot_state_snapshot(ds, state_png):  # truth / mean / spread fields, when stored
+        written.append(state_png)
+        md += [f"![state at the last committed cycle]({state_png.name})", ""]
     out = run_dir / "report.md"
     _w(out, "\n".join(md))
-    return [png, out]
+    return [*written, out]
+
+
+def _obs_space_view(ds):  # -> xr.Dataset
+    """For plotting a run without truth: observation-space errors in place of the RMSEs."""
+    v = ds.copy()
+    if "rmse_obs_a" in v:
+        v["rmse_f"], v["rmse_a"] = v["rmse_obs_f"], v["rmse_obs_a"]
+        v.attrs["rmse_a_mean"] = v.attrs.get("rmse_obs_a_mean", math.nan)
+        v.attrs["method"] = f"{v.attrs.get('method', '')} (observation space, no truth)"
+    if "param" in v.coords and "theta_truth" not in v:
+        v["theta_truth"] = (("param",), np.full(v.sizes["param"], np.nan))
+    return v
+
+
+def campaign_summary_lines(ds) -> list[str]:
+    """``summary_lines`` of :mod:`pipeline.assimilate`, also for runs without truth."""
+    if ds.attrs.get("truth_known", 1) and ("theta_truth" in ds or "param" not in ds.coords):
+        return summary_lines(ds)
+    a = ds.attrs
+    out = [f"{a['model']} {a['method']} (observations from a file, no truth): obs-space RMS of "
+           f"y - H(x_a) {a.get('rmse_obs_a_mean', math.nan):.4f} (forecast "
+           f"{a.get('rmse_obs_f_mean', math.nan):.4f}, spread {a['spread_a_mean']:.4f}) after "
+           f"{a['burn_in']} burn-in cycles; {a['seconds_per_cycle'] * 1e3:.1f} ms/cycle"]
+    for name in ds["param"].values if "param" in ds.coords else []:
+        out.append(f"  θ {name}: mean {a[f'theta_{name}_final_mean']:.4g}, 90% interval "
+                   f"[{a[f'theta_{name}_final_q05']:.4g}, {a[f'theta_{name}_final_q95']:.4g}]"
+                   ", truth unknown")
+    return out
 
 
 # -- CLI ---------------------------------------------------------------------------------------
@@ -670,6 +990,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--run-dir", required=True, help="run directory to create")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.add_argument("--cycles", type=int, help="override the number of cycles")
+    r.add_argument("--observations", metavar="FILE",
+                   help="observations from FILE (.nc or .zarr with y(cycle, obs)) instead of "
+                        "the twin run; sets observations.path")
     r.set_defaults(func=_cmd)
     s = cs.add_parser("resume", help="continue a run from its last committed cycle")
     s.add_argument("run_dir")
@@ -693,7 +1016,7 @@ def _cmd(args: argparse.Namespace) -> int:
     if action == "report":
         for path in report(args.run_dir):
             print(f"wrote {path}")
-        for line in summary_lines(open_run(args.run_dir)):
+        for line in campaign_summary_lines(open_run(args.run_dir)):
             print(line)
         return 0
     comm = world()
@@ -701,10 +1024,14 @@ def _cmd(args: argparse.Namespace) -> int:
     try:
         if action == "run":
             cfg = load_campaign_config(args.config)
-            if args.cycles is not None:
+            if args.cycles is not None or args.observations is not None:
                 data = cfg.model_dump(mode="json")
-                data["cycles"] = args.cycles
-                cfg = validate(data, CampaignConfig, f"{args.config} (--cycles)")
+                if args.cycles is not None:
+                    data["cycles"] = args.cycles
+                if args.observations is not None:
+                    data["observations"] = {**(data.get("observations") or {}),
+                                            "path": args.observations}
+                cfg = validate(data, CampaignConfig, f"{args.config} (command line)")
             code = start(cfg, args.run_dir, overwrite=args.overwrite, comm=comm)
         else:
             new = load_campaign_config(args.config) if args.config else None

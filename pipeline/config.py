@@ -501,6 +501,27 @@ STAGES["assimilate"] = AssimilateConfig
 
 # --------------------------------------------------------------------------------------------
 # campaign: distributed, restartable twin experiments (pipeline/campaign.py)
+class ObservationFileConfig(Strict):
+    """Observations read from a file instead of a twin run (docs/campaign.md: file layout).
+
+    ``path``: a netCDF (``.nc``) file or a Zarr store (``.zarr``) holding ``variable`` with
+    dims ``(cycle, obs)``; ``sigma``: name of an ``(obs,)`` variable or a scalar attribute (of the
+    dataset or of ``variable``) with the noise std; when absent ``observation.sigma`` is used.
+    A relative path is made absolute (against the working directory) when the config is read.
+    """
+
+    path: str
+    variable: str = "y"
+    sigma: str = "sigma"
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return str(Path(v).expanduser().absolute())
+
+
 class CampaignConfig(AssimilateConfig):
     """``scoreda campaign``: the twin experiment of ``assimilate`` run by MPI ranks (each owns a
     contiguous slice of members and their θ particles) into a restartable run directory.
@@ -513,6 +534,7 @@ class CampaignConfig(AssimilateConfig):
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     threads: PosInt = 1
     blowup: Annotated[float, Field(gt=0)] = 1e8
+    observations: ObservationFileConfig | None = None
 
     @model_validator(mode="after")
     def _campaign(self) -> CampaignConfig:

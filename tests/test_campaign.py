@@ -94,7 +94,8 @@ def in_process(cfg: CampaignConfig, run_dir: Path) -> int:
 
 def stored(run_dir: Path) -> dict[str, np.ndarray]:
     ds = xr.open_zarr(run_dir / cp.STORE, consolidated=False).load()
-    return {k: ds[k].values for k in ds.data_vars if k != "seconds"}
+    # the timing variables are the only non-reproducible ones
+    return {k: ds[k].values for k in ds.data_vars if not k.startswith("seconds")}
 
 
 def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:
@@ -316,10 +317,188 @@ def test_status_and_report(tmp_path, capsys):
     assert main(["campaign", "status", str(run)]) == 0
     out = capsys.readouterr().out
     assert "8/8 cycles committed" in out and "rmse_a" in out and "ms" in out
+    assert "time split per cycle" in out and "forecast" in out and "io" in out
+    split = cp.timing_split(run)
+    assert split is not None and set(split) == {"forecast", "analysis", "comm", "io", "wall"}
+    assert all(v >= 0 for v in split.values())
+    assert split["wall"] >= sum(split[p] for p in cp.PHASES)
     assert main(["campaign", "report", str(run)]) == 0
     assert (run / "report_metrics.png").stat().st_size > 1000
     md = (run / "report.md").read_text()
-    assert "| analysis RMSE" in md and "θ F" in md
+    assert "| analysis RMSE" in md and "θ F" in md and "time split" in md
     ds = xr.open_zarr(run / cp.STORE, consolidated=False)
     assert ds["theta_particles"].encoding["chunks"] == (1, 1, 1)
     assert ds["rmse_a"].encoding["chunks"] == (1,)
+
+
+# --------------------------------------------------------------------------------------------
+# observations from a file
+def twin_files(tmp_path: Path, cfg: CampaignConfig) -> tuple[Path, Path]:
+    """A twin campaign run (its store holds y(cycle, obs)) and an ``assimilate`` .nc output."""
+    from pipeline.assimilate import assimilate
+    from pipeline.config import AssimilateConfig
+
+    run = tmp_path / "twin"
+    assert in_process(cfg, run) == cp.EXIT_DONE
+    data = cfg.model_dump(mode="json")
+    for k in ("checkpoint_every", "keep_checkpoints", "threads", "blowup", "observations"):
+        data.pop(k)
+    data["stage"] = "assimilate"
+    nc = tmp_path / "assim.nc"
+    acfg = validate(data, AssimilateConfig)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assimilate(acfg, nc, plots=False)
+    finally:
+        torch.set_num_threads(threads)
+    return run, nc
+
+
+def test_observations_from_file_reproduce_twin_analysis(tmp_path, capsys):
+    cfg = make_cfg("letkf", cycles=8)
+    twin_run, nc = twin_files(tmp_path, cfg)
+    ref = stored(twin_run)
+    for src in (twin_run / cp.STORE, nc):
+        run = tmp_path / f"file-{src.suffix[1:]}"
+        fcfg = make_cfg("letkf", cycles=8, observations={"path": str(src)})
+        if src.suffix == ".nc":  # through the command line's --observations
+            conf = write_cfg(tmp_path / "twin.yaml", cfg)
+            assert main(["campaign", "run", str(conf), "--run-dir", str(run),
+                         "--observations", str(src)]) == cp.EXIT_DONE
+            assert cp.read_run_config(run) == fcfg
+        else:
+            assert in_process(fcfg, run) == cp.EXIT_DONE
+        got = stored(run)
+        for k in ("y", "spread_f", "spread_a", "rmse_obs_f", "rmse_obs_a", "theta_particles",
+                  "theta_mean", "theta_q05", "theta_q95", "mean_a", "spread_field"):
+            assert np.array_equal(ref[k], got[k]), f"{src.name}: {k} differs"
+        a, b = final_checkpoint(twin_run, cfg), final_checkpoint(run, fcfg)
+        assert torch.equal(a["ensemble"], b["ensemble"]) and torch.equal(a["theta"], b["theta"])
+        # no truth: truth metrics NaN, no truth fields, θ truth unknown
+        for k in cp.TRUTH_METRICS:
+            assert np.isnan(got[k]).all(), k
+        assert "truth" not in got and "theta_truth" not in got
+        assert np.isfinite(got["rmse_obs_a"]).all() and (got["rmse_obs_a"] > 0).all()
+    capsys.readouterr()
+    assert main(["campaign", "status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "observations from" in out and "rmse_obs_a" in out
+    assert main(["campaign", "report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "no truth" in out and "truth unknown" in out
+    md = (run / "report.md").read_text()
+    assert "truth unknown" in md and "obs-space" in md
+    # a resume with a changed observation file is refused
+    prog = json.loads((run / cp.PROGRESS).read_text())
+    cp.write_progress(run, {**prog, "cycles_done": 7, "checkpoint": 7})
+    with xr.open_dataset(nc, engine="netcdf4") as ds:
+        ds = ds.load()
+    ds["y"][7, 0] += 1.0
+    ds.to_netcdf(tmp_path / "changed.nc", engine="netcdf4")
+    os.replace(tmp_path / "changed.nc", nc)
+    assert main(["campaign", "resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(nc) in err and "differ" in err
+
+
+def _obs_dataset(cycles: int = 6, m: int = 20, **over) -> xr.Dataset:
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset({"y": (("cycle", "obs"), rng.normal(size=(cycles, m)))})
+    for k, v in over.items():
+        if v is None:
+            ds = ds.drop_vars(k)
+        else:
+            ds[k] = v
+    return ds
+
+
+BAD_FILES = {
+    "missing": (None, "does not exist"),
+    "suffix": ("text", "must be netCDF (.nc) or Zarr (.zarr)"),
+    "garbage": ("garbage", "cannot open the observation file"),
+    "no-variable": (_obs_dataset().rename(y="obs_y"), "no variable 'y'"),
+    "dims": (_obs_dataset().rename(obs="station"), "expected ('cycle', 'obs')"),
+    "cycles": (_obs_dataset(cycles=3), "has 3 cycles; the config needs 4"),
+    "m": (_obs_dataset(m=40), "has 40 observations per cycle"),
+    "nan": (_obs_dataset(y=(("cycle", "obs"), np.where(np.eye(6, 20) > 0, np.nan, 1.0))),
+            "NaN/inf value(s) in the 4 cycles used (first in cycle 0)"),
+    "sigma": (_obs_dataset(sigma=(("obs",), np.r_[np.ones(19), 0.0])), "sigma must be positive"),
+    "sigma-attr": (_obs_dataset().assign_attrs(sigma="loud"), "is not a number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_observation_files_refused(tmp_path, capsys, case):
+    content, expect = BAD_FILES[case]
+    path = tmp_path / ("obs.zarr" if case == "dims" else "obs.txt" if case == "suffix"
+                       else "obs.nc")
+    if isinstance(content, xr.Dataset):
+        if path.suffix == ".zarr":
+            content.to_zarr(path, zarr_format=3, consolidated=False)
+        else:
+            content.to_netcdf(path, engine="netcdf4")
+    elif content is not None:
+        path.write_bytes(b"this is not an observation file\n" * 20)
+    cfg = make_cfg("letkf", cycles=4, burn_in=0, observations={"path": str(path)})
+    conf = write_cfg(tmp_path / "c.yaml", cfg)
+    run = tmp_path / "run"
+    assert main(["campaign", "run", str(conf), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and expect in err, err
+    assert not run.exists()  # refused before anything is written
+
+
+def test_observation_file_sigma_is_used(tmp_path):
+    """A per-observation σ from the file replaces observation.sigma (and is stored)."""
+    cfg = make_cfg("letkf", cycles=3, burn_in=0)
+    ds = _obs_dataset(cycles=3, sigma=(("obs",), np.full(20, 2.0)))
+    ds["y"] = ds["y"] * 0.0 + 1.0
+    path = tmp_path / "obs.nc"
+    ds.to_netcdf(path, engine="netcdf4")
+    fcfg = make_cfg("letkf", cycles=3, burn_in=0, observations={"path": str(path)})
+    camp_obs = cp.load_observations(fcfg, 20)
+    assert camp_obs is not None and isinstance(camp_obs.sigma, np.ndarray)
+    assert in_process(fcfg, tmp_path / "run") == cp.EXIT_DONE
+    got = xr.open_zarr(tmp_path / "run" / cp.STORE, consolidated=False)
+    assert np.array_equal(got["sigma"].values, np.full(20, 2.0))
+    assert np.array_equal(got["y"].values, np.ones((3, 20)))
+    assert cfg.observation.sigma == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# timing split and the bench suite
+@pytest.mark.mpi
+@needs_mpi
+def test_bench_campaign_quick():
+    from pipeline.bench import Floors
+    from pipeline.bench_campaign import campaign_suite
+
+    entries = campaign_suite(Floors(torch.device("cpu"), repeats=1, quick=True), 1)
+    assert [e.extra["ranks"] for e in entries] == [1, 2]
+    for e in entries:
+        assert e.suite == "campaign" and e.seconds > 0 and e.floor_seconds > 0
+        x = e.extra
+        assert x["wall_s"] > 0 and x["forecast_s"] > 0 and x["analysis_s"] > 0
+        assert x["io_s"] > 0 and x["comm_s"] >= 0
+        assert abs(sum(x[f"{p}_s"] for p in ("forecast", "analysis", "comm", "io", "other"))
+                   - x["wall_s"]) < 1e-9
+    assert 0 < entries[1].extra["parallel_efficiency"] == pytest.approx(
+        entries[0].seconds / (2 * entries[1].seconds))
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_observations_from_file_two_ranks(tmp_path):
+    cfg = make_cfg("ensf-gaussian", cycles=6)
+    twin_run = tmp_path / "twin"
+    in_process(cfg, twin_run)
+    fcfg = make_cfg("ensf-gaussian", cycles=6,
+                    observations={"path": str(twin_run / cp.STORE)})
+    conf = write_cfg(tmp_path / "c.yaml", fcfg)
+    r = run_cli(["run", str(conf), "--run-dir", str(tmp_path / "rn")], 2)
+    assert r.returncode == 0, r.stderr
+    ref, got = stored(twin_run), stored(tmp_path / "rn")
+    for k in ("y", "spread_a", "rmse_obs_a", "theta_particles", "mean_a"):
+        assert np.array_equal(ref[k], got[k]), k
+    assert np.isnan(got["rmse_a"]).all()
