@@ -160,14 +160,17 @@ def test_rank_count_invariance(tmp_path, method, ranks):
 @pytest.mark.mpi
 @needs_mpi
 def test_kill_at_every_phase_then_resume_is_bitwise(tmp_path):
-    cfg = make_cfg("ensf-paired", cycles=14, checkpoint_every=3)
+    cfg = make_cfg("ensf-paired", cycles=24, checkpoint_every=3)
     ref = tmp_path / "ref"
     in_process(cfg, ref)
     conf = write_cfg(tmp_path / "c.yaml", cfg)
     run = tmp_path / "run"
     # (die spec, ranks of the attempt that dies); each attempt resumes the previous one
+    # ten kill points over every phase, several inside the commit (checkpoints fall on the
+    # cycles c with (c + 1) % 3 == 0)
     plan = [("1:forecast", 2), ("3:store:1", 2), ("5:checkpoint:1", 4), ("7:commit", 1),
-            ("9:committed", 2)]
+            ("9:committed", 2), ("11:checkpoint", 2), ("12:store", 1), ("14:commit:0", 4),
+            ("16:forecast:1", 2), ("19:committed:0", 1)]
     done_before = 0
     for i, (spec, ranks) in enumerate(plan):
         args = ["run", str(conf), "--run-dir", str(run)] if i == 0 else ["resume", str(run)]
