@@ -37,8 +37,8 @@ class FilterSpec:
 
     Attributes:
         method: ``"ensf"``, ``"letkf"`` or ``"enkf"`` (stochastic, perturbed observations).
-        inflation: multiplicative prior inflation (≥ 1) for LETKF/EnKF; for EnSF applied to the
-            forecast ensemble before the analysis.
+        inflation: multiplicative inflation (≥ 1) of the forecast state anomalies before any
+            analysis (θ columns are never inflated).
         rtps: relaxation to prior spread after the analysis, in [0, 1] (0 = off).
         radius: LETKF localization half-width in grid units (None = global ETKF).
         ensf: EnSF settings.
