@@ -62,15 +62,6 @@ class ModelConfig(Strict):
     dt: Annotated[float, Field(gt=0)] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("params", mode="before")
-    @classmethod
-    def _ints_are_floats(cls, v: Any) -> Any:
-        # YAML writes 8 for 8.0; strict mode would otherwise reject an int inside the dict.
-        if isinstance(v, dict):
-            return {k: float(x) if isinstance(x, int) and not isinstance(x, bool) else x
-                    for k, x in v.items()}
-        return v
-
     @model_validator(mode="after")
     def _check_against_model(self) -> ModelConfig:
         cls = model_class(self.name)
@@ -355,11 +346,6 @@ class ObservationConfig(Strict):
     sigma: Annotated[float, Field(gt=0)] = 1.0
     every: PosInt = 1
 
-    @field_validator("sigma", mode="before")
-    @classmethod
-    def _int_sigma(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
 
 class PriorSpec(Strict):
     """Prior of one estimated parameter: ``uniform: [lo, hi]`` in the natural space, or
@@ -367,13 +353,6 @@ class PriorSpec(Strict):
 
     uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
     normal: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
-
-    @field_validator("uniform", "normal", mode="before")
-    @classmethod
-    def _floats(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            return [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
-        return v
 
     @model_validator(mode="after")
     def _one(self) -> PriorSpec:
