@@ -207,18 +207,29 @@ class Twin:
             raise DivergenceError(f"cycle {cycle}: member {i} became non-finite in the {where} "
                                   f"(rank 0); nothing of this cycle is kept")
 
-    def _record(self, truth, ens_f, ens_a, theta_a, y) -> dict[str, torch.Tensor]:
+    def _record(self, truth: torch.Tensor | None, ens_f: torch.Tensor, ens_a: torch.Tensor,
+                theta_a: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This cycle's metrics; with no truth (observations from a file) the metrics that need
+        it are NaN and no truth field is kept."""
         n = ens_f.shape[0]
-        t = truth.reshape(-1)
         xf, xa = ens_f.reshape(n, -1), ens_a.reshape(n, -1)
-        rec = {
-            "rmse_f": metrics.rmse(xf.mean(0), t), "rmse_a": metrics.rmse(xa.mean(0), t),
-            "spread_f": metrics.spread(xf), "spread_a": metrics.spread(xa),
-            "crps_a": metrics.crps_ensemble(xa, t).mean(),
-            "theta": theta_a[:, self.est_idx], "y": y,
-        }
+        rec = {"spread_f": metrics.spread(xf), "spread_a": metrics.spread(xa),
+               "theta": theta_a[:, self.est_idx], "y": y}
+        if truth is None:
+            nan = torch.tensor(math.nan, dtype=xa.dtype)
+            rec.update(rmse_f=nan, rmse_a=nan, crps_a=nan)
+        else:
+            t = truth.reshape(-1)
+            rec.update(rmse_f=metrics.rmse(xf.mean(0), t), rmse_a=metrics.rmse(xa.mean(0), t),
+                       crps_a=metrics.crps_ensemble(xa, t).mean())
+        if self.est_idx:
+            th = rec["theta"].to(torch.float64)
+            rec["theta_mean"] = th.mean(0)
+            rec["theta_q05"], rec["theta_q95"] = metrics.credible_interval(th, 0.9)
         if self.store_states:
-            rec["truth"], rec["mean_a"], rec["spread_field"] = t, xa.mean(0), xa.std(0)
+            rec["mean_a"], rec["spread_field"] = xa.mean(0), xa.std(0)
+            if truth is not None:
+                rec["truth"] = truth.reshape(-1)
         return rec
 
     @property
@@ -260,14 +271,13 @@ class Twin:
                   "member": np.arange(cfg.members), "param": np.array(names, dtype=object)}
         if names:
             th = stack("theta")  # (C, N, P)
-            lo, hi = np.quantile(th, [0.05, 0.95], axis=1)
             truth = np.array([m.truth_theta(1, cfg.model.params, dtype=torch.float64)[0, j].item()
                               for j in self.est_idx])
             data["theta_particles"] = (("cycle", "member", "param"), th,
                                        {"long_name": "analysis θ particles"})
-            data["theta_mean"] = (("cycle", "param"), th.mean(1), {})
-            data["theta_q05"] = (("cycle", "param"), lo, {})
-            data["theta_q95"] = (("cycle", "param"), hi, {})
+            data["theta_mean"] = (("cycle", "param"), stack("theta_mean"), {})
+            data["theta_q05"] = (("cycle", "param"), stack("theta_q05"), {})
+            data["theta_q95"] = (("cycle", "param"), stack("theta_q95"), {})
             data["theta_truth"] = (("param",), truth, {})
         if self.store_states:
             shape = m.state_shape
@@ -287,10 +297,9 @@ class Twin:
                  "config": dump(cfg), "software": f"scoreda {software_version()}",
                  "burn_in": cfg.burn_in, **summary}
         if names:
-            th = stack("theta")[-1]
-            lo, hi = np.quantile(th, [0.05, 0.95], axis=0)
+            mean, lo, hi = (recs[-1][k] for k in ("theta_mean", "theta_q05", "theta_q95"))
             for k, name in enumerate(names):
-                attrs[f"theta_{name}_final_mean"] = float(th[:, k].mean())
+                attrs[f"theta_{name}_final_mean"] = float(mean[k])
                 attrs[f"theta_{name}_final_q05"] = float(lo[k])
                 attrs[f"theta_{name}_final_q95"] = float(hi[k])
         return xr.Dataset(data, coords=coords, attrs=attrs)

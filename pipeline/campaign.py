@@ -387,10 +387,9 @@ def open_run(run_dir: str | Path, committed_only: bool = True):  # -> xr.Dataset
         ds.attrs["rmse_obs_a_mean"] = float(ds["rmse_obs_a"].values[s].mean()) if done else math.nan
         ds.attrs["rmse_obs_f_mean"] = float(ds["rmse_obs_f"].values[s].mean()) if done else math.nan
     if done and "theta_particles" in ds:
-        th = ds["theta_particles"].values[done - 1]
-        lo, hi = np.quantile(th, [0.05, 0.95], axis=0)
+        mean, lo, hi = (ds[k].values[done - 1] for k in ("theta_mean", "theta_q05", "theta_q95"))
         for k, name in enumerate(ds["param"].values):
-            ds.attrs[f"theta_{name}_final_mean"] = float(th[:, k].mean())
+            ds.attrs[f"theta_{name}_final_mean"] = float(mean[k])
             ds.attrs[f"theta_{name}_final_q05"] = float(lo[k])
             ds.attrs[f"theta_{name}_final_q95"] = float(hi[k])
     return ds
@@ -529,22 +528,6 @@ def _observation_space(twin: Twin, rec: dict[str, Any], ens_f: torch.Tensor,
         rec[key] = ((y.reshape(-1) - hx) ** 2).mean().sqrt()
 
 
-def _record_without_truth(twin: Twin, ens_f: torch.Tensor, ens_a: torch.Tensor,
-                          theta_a: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    """``Twin._record`` for observations from a file: metrics needing the truth are NaN."""
-    n = ens_f.shape[0]
-    xf, xa = ens_f.reshape(n, -1), ens_a.reshape(n, -1)
-    nan = torch.tensor(math.nan, dtype=xa.dtype)
-    from kernels import metrics
-
-    rec: dict[str, Any] = {"rmse_f": nan, "rmse_a": nan, "crps_a": nan,
-                           "spread_f": metrics.spread(xf), "spread_a": metrics.spread(xa),
-                           "theta": theta_a[:, twin.est_idx], "y": y}
-    if twin.store_states:
-        rec["mean_a"], rec["spread_field"] = xa.mean(0), xa.std(0)
-    return rec
-
-
 class Campaign:
     """One rank's view of a campaign in ``run_dir``."""
 
@@ -582,11 +565,8 @@ class Campaign:
                     if key in rec:
                         w(key, (c, ...), rec[key].reshape(shape))
             if self.twin.est_idx:
-                th = rec["theta"].detach().cpu().to(torch.float64).numpy()
-                lo, hi = np.quantile(th, [0.05, 0.95], axis=0)
-                w("theta_mean", (c, slice(None)), th.mean(0))
-                w("theta_q05", (c, slice(None)), lo)
-                w("theta_q95", (c, slice(None)), hi)
+                for key in ("theta_mean", "theta_q05", "theta_q95"):
+                    w(key, (c, slice(None)), rec[key])
         if self.twin.est_idx and len(self.members):
             w("theta_particles", (c, slice(self.members.start, self.members.stop), slice(None)),
               theta_rows)
@@ -663,8 +643,8 @@ class Campaign:
                     ens_f_full = z[:, :d].reshape(n, *m.state_shape)
                     rec = None
                     if self.rank == 0:
-                        rec = (twin._record(truth, ens_f_full, ens_a, theta_a, y) if obs is None
-                               else _record_without_truth(twin, ens_f_full, ens_a, theta_a, y))
+                        rec = twin._record(truth if obs is None else None, ens_f_full, ens_a,
+                                           theta_a, y)
                         _observation_space(twin, rec, ens_f_full, ens_a, y)
                     mine = slice(self.members.start, self.members.stop)
                     theta_rows = theta_a[mine, :][:, twin.est_idx].clone()
