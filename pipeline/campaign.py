@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
+import io
 import json
 import math
 import os
@@ -66,7 +67,7 @@ from pipeline.runtime import (
     world,
 )
 from pipeline.simulate import DivergenceError
-from pipeline.storage import OutputError, atomic_write, write_text_atomic
+from pipeline.storage import OutputError, atomic_write, write_file_atomic, write_text_atomic
 from pipeline.store import first_difference
 
 EXIT_DONE, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
@@ -253,19 +254,8 @@ def read_progress(run_dir: Path) -> dict[str, Any]:
 
 def write_progress(run_dir: Path, rec: dict[str, Any], cycle: int = -1, rank: int = 0) -> None:
     """Replace the progress record atomically: temp file, fsync, rename, fsync of the dir."""
-    path = run_dir / PROGRESS
-    tmp = run_dir / f".{PROGRESS}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(rec, indent=1) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    _die_at(cycle, "commit", rank)
-    os.replace(tmp, path)
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_file_atomic(run_dir / PROGRESS, (json.dumps(rec, indent=1) + "\n").encode(),
+                      before_rename=lambda: _die_at(cycle, "commit", rank))
 
 
 def _now() -> str:
@@ -409,12 +399,9 @@ def _ckpt_cycles(run_dir: Path) -> list[int]:
 
 
 def _save_tensors(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_file_atomic(path, buf.getvalue())
 
 
 def _load_tensors(path: Path) -> dict[str, Any]:

@@ -76,11 +76,32 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def write_file_atomic(path: Path, data: bytes,
+                      before_rename: Callable[[], None] | None = None) -> None:
+    """Replace one file atomically: temp sibling, fsync, rename, fsync of the directory.
+
+    ``before_rename`` runs between the fsync and the rename (a test hook can die there).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small text file atomically."""
-    def _w(tmp: Path) -> None:
-        tmp.write_text(text)
-    atomic_write(path, _w)
+    write_file_atomic(path, text.encode())
 
 
 def config_path_for(out: Path) -> Path:
@@ -118,6 +139,4 @@ def open_dataset(path: str | Path) -> xr.Dataset:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write a small binary file (e.g. a PNG) atomically."""
-    def _w(tmp: Path) -> None:
-        tmp.write_bytes(data)
-    atomic_write(path, _w)
+    write_file_atomic(path, data)
