@@ -93,6 +93,8 @@ from typing import Literal
 
 import torch
 
+from kernels.ensemble import member_mean, member_sum, member_var
+
 Estimator = Literal["paired", "mixture", "gm", "gaussian"]
 Likelihood = Literal["damped", "denoised"]
 Sampler = Literal["sde", "ode"]
@@ -364,10 +366,18 @@ def gm_score(
     return out
 
 
-def gm_components(x0: torch.Tensor, bandwidth: float = 1.0, shrink: bool = False):
-    """Means ``(N, D)``, component variance ``h v`` ``(D,)`` and ensemble ``(m, v)`` of the GM prior."""
-    m = x0.mean(0)
-    v = x0.var(0, correction=1 if x0.shape[0] > 1 else 0)
+def gm_components(x0: torch.Tensor, bandwidth: float = 1.0, shrink: bool = False,
+                  stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Means ``(N, D)``, component variance ``h v`` ``(D,)`` and ensemble ``(m, v)`` of the GM prior.
+
+    ``stats``: the ensemble ``(m, v)`` computed elsewhere (a distributed analysis holds only
+    some members in ``x0``); otherwise from ``x0`` in the fixed order of :mod:`kernels.ensemble`.
+    """
+    if stats is None:
+        m = member_mean(x0)
+        v = member_var(x0, m, correction=1 if x0.shape[0] > 1 else 0)
+    else:
+        m, v = stats
     means = m + math.sqrt(1.0 - bandwidth) * (x0 - m) if shrink else x0
     return means, bandwidth * v, m, v
 
@@ -423,6 +433,8 @@ def ensf_analysis(
     likelihood_grad: LikelihoodGrad,
     settings: EnSFSettings,
     generators: Sequence[torch.Generator],
+    *,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One EnSF analysis: sample the approximate posterior by the reverse SDE.
 
@@ -435,6 +447,9 @@ def ensf_analysis(
         settings: :class:`EnSFSettings`.
         generators: one ``torch.Generator`` per particle, all on one device (CPU generators draw
             on the CPU in the working dtype and the noise is moved to ``x0.device``).
+        stats: mean and variance ``(D,)`` of the *whole* prior ensemble when ``x0`` holds only
+            some of its members (a rank's slice). Enough for ``paired`` and ``gaussian``, whose
+            particles interact only through these; ``mixture``/``gm`` need every member in ``x0``.
 
     Returns:
         Posterior ensemble ``(N, D)``, dtype and device of ``x0``.
@@ -448,6 +463,8 @@ def ensf_analysis(
         raise ValueError("all generators must live on the same device")
     s = settings
     est = s.estimator
+    if stats is not None and est in ("mixture", "gm"):
+        raise ValueError(f"the {est} estimator needs every prior member, not summary stats")
     mixture = est == "mixture"
     gm = est in ("gm", "gaussian")
     ode = s.sampler == "ode"
@@ -458,7 +475,7 @@ def ensf_analysis(
     if gm or denoised:
         bw = 1.0 if est == "gaussian" else s.gm_bandwidth
         shrink = est == "gaussian" or s.gm_shrink
-        means, comp_var, ens_mean, ens_var = gm_components(x0, bw, shrink)
+        means, comp_var, ens_mean, ens_var = gm_components(x0, bw, shrink, stats)
         if est == "gaussian" or (shrink and bw == 1.0):
             gm_single = True  # every component is N(m, v): no weights needed
         else:
@@ -582,9 +599,12 @@ def _affine(
 
 # --------------------------------------------------------------------------------------------
 # ensemble post-processing
-def inflate(ens: torch.Tensor, factor: float) -> torch.Tensor:
-    """Multiplicative inflation about the ensemble mean; ``(N, D) -> (N, D)``."""
-    mean = ens.mean(0, keepdim=True)
+def inflate(ens: torch.Tensor, factor: float, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Multiplicative inflation about the ensemble mean; ``(N, D) -> (N, D)``.
+
+    ``mean``: the ``(D,)`` mean of the whole ensemble when ``ens`` is one rank's members.
+    """
+    mean = member_mean(ens) if mean is None else mean
     return mean + factor * (ens - mean)
 
 
@@ -602,9 +622,9 @@ def rtps(prior: torch.Tensor, posterior: torch.Tensor, alpha: float) -> torch.Te
         ``(N, D)``. Components with no posterior spread are left unchanged (σ_a clamped away
         from zero only to avoid 0/0; their anomalies are zero anyway).
     """
-    mean = posterior.mean(0, keepdim=True)
-    sa = posterior.std(0, keepdim=True)
-    sb = prior.std(0, keepdim=True)
+    mean = member_mean(posterior)
+    sa = member_var(posterior, mean).sqrt()
+    sb = member_var(prior).sqrt()
     tiny = torch.finfo(posterior.dtype).tiny
     factor = 1.0 + alpha * (sb - sa) / sa.clamp_min(tiny)
     return mean + factor * (posterior - mean)
@@ -652,28 +672,50 @@ def regress_unobserved(
     out = posterior.clone()
     if bool(observed.all()) or not bool(observed.any()):
         return out  # nothing to regress on, or nothing to update
+    mean = member_mean(prior)
+    spans = [slice(c, c + chunk) for c in range(0, d, chunk)]
+    parts = [regression_partials(prior[:, sp], posterior[:, sp], mean[sp], observed[sp])
+             for sp in spans]
+    w = regression_weights(member_sum(torch.stack([g for g, _ in parts])),
+                           member_sum(torch.stack([x for _, x in parts])), ridge)
+    for sp in spans:
+        regression_apply(prior[:, sp], out[:, sp], mean[sp], observed[sp], w)
+    return out
 
-    mean = prior.mean(0, keepdim=True)
-    gram = prior.new_zeros(n, n)   # A Aᵀ
-    cross = prior.new_zeros(n, n)  # A δᵀ
-    for c in range(0, d, chunk):
-        cols = slice(c, c + chunk)
-        mask = observed[cols]
-        a = (prior[:, cols] - mean[:, cols])[:, mask]
-        delta = (posterior[:, cols] - prior[:, cols])[:, mask]
-        gram.addmm_(a, a.T)
-        cross.addmm_(a, delta.T)
+
+def regression_partials(
+    prior: torch.Tensor, posterior: torch.Tensor, mean: torch.Tensor, observed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column block's share ``(A Aᵀ, A δᵀ)``, each ``(N, N)``, of :func:`regress_unobserved`.
+
+    Args:
+        prior, posterior: ``(N, C)`` columns of the ensembles (every member).
+        mean: ``(C,)`` prior mean of these columns.
+        observed: ``(C,)`` bool.
+    """
+    a = (prior - mean)[:, observed]
+    delta = (posterior - prior)[:, observed]
+    return a @ a.T, a @ delta.T
+
+
+def regression_weights(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ensemble-space regression weights ``W = δ Aᵀ (A Aᵀ + λ I)⁻¹`` ``(N, N)`` from the summed
+    blocks of :func:`regression_partials` (``λ = ridge · tr(A Aᵀ)/N``; 0: pseudo-inverse)."""
+    n = gram.shape[0]
     if ridge > 0:
         lam = ridge * torch.diagonal(gram).sum() / n
         chol = torch.linalg.cholesky(gram + lam * torch.eye(n, dtype=gram.dtype, device=gram.device))
-        w = torch.cholesky_solve(cross, chol).T  # (G + λI)⁻¹ A δᵀ, transposed: δ Aᵀ (G + λI)⁻¹
-    else:
-        w = (torch.linalg.pinv(gram, hermitian=True) @ cross).T
-    for c in range(0, d, chunk):
-        cols = slice(c, c + chunk)
-        mask = ~observed[cols]
-        if not bool(mask.any()):
-            continue
-        b = (prior[:, cols] - mean[:, cols])[:, mask]
-        out[:, cols][:, mask] = prior[:, cols][:, mask] + w @ b  # basic slice: a view of out
-    return out
+        return torch.cholesky_solve(cross, chol).T  # (G + λI)⁻¹ A δᵀ, transposed
+    return (torch.linalg.pinv(gram, hermitian=True) @ cross).T
+
+
+def regression_apply(
+    prior: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, observed: torch.Tensor,
+    w: torch.Tensor,
+) -> None:
+    """Set the unobserved columns of ``out (N, C)`` (in place) to ``prior + W B``, ``B`` their
+    prior anomalies; observed columns are left as they are."""
+    mask = ~observed
+    if bool(mask.any()):
+        b = (prior - mean)[:, mask]
+        out[:, mask] = prior[:, mask] + w @ b

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.ensemble import member_mean, member_sum, member_var
+
 __all__ = [
     "credible_interval",
     "crps_ensemble",
@@ -44,7 +46,7 @@ def spread(ensemble: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(...)``.
     """
-    return ensemble.var(0, correction=1).mean(-1).sqrt()
+    return member_var(ensemble).mean(-1).sqrt()
 
 
 def crps_ensemble(ensemble: torch.Tensor, truth: torch.Tensor, *, fair: bool = True) -> torch.Tensor:
@@ -65,13 +67,13 @@ def crps_ensemble(ensemble: torch.Tensor, truth: torch.Tensor, *, fair: bool = T
         ``(...)``. With one member both estimators reduce to ``|x − y|``.
     """
     n = ensemble.shape[0]
-    skill = (ensemble - truth).abs().mean(0)
+    skill = member_mean((ensemble - truth).abs())
     if n < 2:
         return skill
     xs = torch.sort(ensemble, dim=0).values
     shape = (n,) + (1,) * (ensemble.ndim - 1)
     coef = (2 * torch.arange(1, n + 1, device=ensemble.device, dtype=ensemble.dtype) - n - 1).reshape(shape)
-    pair_sum = 2.0 * (coef * xs).sum(0)  # Σ_i Σ_j |x_i − x_j|
+    pair_sum = 2.0 * member_sum(coef * xs)  # Σ_i Σ_j |x_i − x_j|
     denom = n * (n - 1) if fair else n * n
     return skill - pair_sum / (2.0 * denom)
 

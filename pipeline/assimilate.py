@@ -24,6 +24,7 @@ import xarray as xr
 from kernels import metrics
 from kernels.assimilation import Analysis, FilterSpec, roughen
 from kernels.dynamics import Dynamics
+from kernels.ensemble import member_mean, member_var
 from kernels.ensf import EnSFSettings
 from kernels.observe import add_noise, make_operator
 from kernels.streams import generator, per_member
@@ -45,7 +46,8 @@ def filter_spec(cfg: AssimilateConfig) -> FilterSpec:
         mixture_size=e.mixture_size, gm_bandwidth=e.gm_bandwidth, gm_shrink=e.gm_shrink,
         likelihood=e.likelihood, sampler=e.sampler, score_clip=e.score_clip, init=e.init)
     return FilterSpec(method=f.method, inflation=f.inflation, rtps=f.rtps, radius=f.radius,
-                      ensf=settings, coupling=e.coupling, ridge=e.ridge)
+                      ensf=settings, coupling=e.coupling, ridge=e.ridge,
+                      column_chunk=f.column_chunk)
 
 
 def initial_theta(model: Dynamics, cfg: AssimilateConfig, members: range) -> torch.Tensor:
@@ -74,6 +76,25 @@ def initial_theta(model: Dynamics, cfg: AssimilateConfig, members: range) -> tor
         return th
 
     return per_member(draw, cfg.seed, members, "theta")
+
+
+def state_fields(xf: torch.Tensor, xa: torch.Tensor, truth: torch.Tensor | None) -> torch.Tensor:
+    """Per-component verification fields of a forecast and an analysis ensemble.
+
+    Args:
+        xf, xa: ``(N, C)``: every member, any block of state components.
+        truth: ``(C,)`` or None.
+
+    Returns:
+        ``(F, C)``: forecast mean and variance, analysis mean and variance, and (with a truth)
+        the analysis CRPS. Column-wise in the fixed order of :mod:`kernels.ensemble`, so a
+        column's values do not depend on the block it was computed in.
+    """
+    mf, ma = member_mean(xf), member_mean(xa)
+    rows = [mf, member_var(xf, mf), ma, member_var(xa, ma)]
+    if truth is not None:
+        rows.append(metrics.crps_ensemble(xa, truth))
+    return torch.stack(rows)
 
 
 @dataclass
@@ -212,24 +233,32 @@ class Twin:
         """This cycle's metrics; with no truth (observations from a file) the metrics that need
         it are NaN and no truth field is kept."""
         n = ens_f.shape[0]
-        xf, xa = ens_f.reshape(n, -1), ens_a.reshape(n, -1)
-        rec = {"spread_f": metrics.spread(xf), "spread_a": metrics.spread(xa),
+        t = None if truth is None else truth.reshape(-1)
+        fields = state_fields(ens_f.reshape(n, -1), ens_a.reshape(n, -1), t)
+        return self.record_from_fields(fields, t, theta_a, y)
+
+    def record_from_fields(self, fields: torch.Tensor, truth: torch.Tensor | None,
+                           theta_a: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The metrics of :meth:`_record` from the per-component fields of :func:`state_fields`
+        ``(F, D)`` (a distributed campaign gathers them from its column blocks), the flat
+        ``truth (D,)`` or None, every member's θ ``(N, P_all)`` and ``y``."""
+        mean_f, var_f, mean_a, var_a = fields[:4]
+        rec = {"spread_f": var_f.mean().sqrt(), "spread_a": var_a.mean().sqrt(),
                "theta": theta_a[:, self.est_idx], "y": y}
         if truth is None:
-            nan = torch.tensor(math.nan, dtype=xa.dtype)
+            nan = torch.tensor(math.nan, dtype=mean_a.dtype)
             rec.update(rmse_f=nan, rmse_a=nan, crps_a=nan)
         else:
-            t = truth.reshape(-1)
-            rec.update(rmse_f=metrics.rmse(xf.mean(0), t), rmse_a=metrics.rmse(xa.mean(0), t),
-                       crps_a=metrics.crps_ensemble(xa, t).mean())
+            rec.update(rmse_f=metrics.rmse(mean_f, truth), rmse_a=metrics.rmse(mean_a, truth),
+                       crps_a=fields[4].mean())
         if self.est_idx:
             th = rec["theta"].to(torch.float64)
             rec["theta_mean"] = th.mean(0)
             rec["theta_q05"], rec["theta_q95"] = metrics.credible_interval(th, 0.9)
         if self.store_states:
-            rec["mean_a"], rec["spread_field"] = xa.mean(0), xa.std(0)
+            rec["mean_a"], rec["spread_field"] = mean_a, var_a.sqrt()
             if truth is not None:
-                rec["truth"] = truth.reshape(-1)
+                rec["truth"] = truth
         return rec
 
     @property

@@ -9,9 +9,13 @@ their θ particles. Per cycle:
 2. each rank forecasts its own members with its own θ (local);
 3. divergence guard: a non-finite or blown-up member stops the run before anything of the
    cycle is committed, naming cycle, member and rank (exit 1);
-4. ``allgather`` of the augmented forecast z = [state, u(θ)]: every rank holds the same full z
-   and runs the same :class:`kernels.assimilation.Analysis` on it with the generators of all
-   members keyed by (seed, cycle, member, "analysis"), then keeps its own rows; roughening of a
+4. analysis. EnSF with the paired or gaussian estimator runs *distributed*
+   (:meth:`kernels.assimilation.Analysis.run` with an :class:`pipeline.runtime.MPILayout`): each
+   rank integrates only its own particles; column statistics, the θ regression, RTPS and the
+   verification fields are computed in a column layout reached by ``alltoall``. LETKF, EnKF and
+   the mixture/gm priors run *replicated*: ``allgather`` of the augmented forecast
+   z = [state, u(θ)], the same analysis on every rank with the generators of all members keyed
+   by (seed, cycle, member, "analysis"), each rank keeps its own rows. Roughening of a
    member's θ uses its own stream on its owning rank;
 5. commit: rank 0 writes the per-cycle globals and each rank its members' θ rows into the
    cycle's own chunks of ``campaign.zarr``; when due, each rank saves its slice into
@@ -23,9 +27,10 @@ netCDF/Zarr file validated before anything is written (no truth then: truth metr
 ``rmse_obs_*`` measure the fit in observation space). Per cycle rank 0 records the seconds spent
 in forecast, analysis, communication and I/O (``seconds_*``; ``scoreda bench campaign``).
 
-Determinism rule: one torch thread per rank (``threads``, default 1) and the full analysis on
-every rank make R = 1, 2, 4 run the same arithmetic on the same numbers: results are identical
-bit for bit for every method. The price is an O(N·D) allgather per cycle (docs/campaign.md).
+Determinism rule: one torch thread per rank (``threads``, default 1), per-member streams, the
+fixed-order column sums of :mod:`kernels.ensemble` and GEMMs on fixed column blocks make
+R = 1, 2, 4 run the same arithmetic on the same numbers: results are identical bit for bit for
+every method (docs/campaign.md).
 
 Exit codes: 0 done, 1 divergence, 2 bad input (config, run dir, checkpoint), 3 stopped cleanly
 by SIGTERM/SIGUSR1 after committing the current cycle (resumable: requeue).
@@ -53,14 +58,16 @@ import numpy as np
 import torch
 
 from kernels.assimilation import Analysis
+from kernels.ensemble import member_mean
 from kernels.observe import check_observations
-from pipeline.assimilate import Twin, filter_spec, summary_lines
+from kernels.streams import generator
+from pipeline.assimilate import Twin, filter_spec, state_fields, summary_lines
 from pipeline.config import CampaignConfig, ConfigError, dump, load_yaml, resolve_config_path, validate
 from pipeline.runtime import (
+    MPILayout,
     StopSignals,
     agree,
     member_slice,
-    owner_of,
     progress,
     rank_logger,
     tune_allocator,
@@ -511,7 +518,7 @@ def _observation_space(twin: Twin, rec: dict[str, Any], ens_f: torch.Tensor,
                        ens_a: torch.Tensor, y: torch.Tensor) -> None:
     """Add ``rmse_obs_f``/``rmse_obs_a`` (RMS of y − ensemble mean of H(x)) to ``rec``."""
     for key, ens in (("rmse_obs_f", ens_f), ("rmse_obs_a", ens_a)):
-        hx = twin.op(ens).reshape(ens.shape[0], -1).mean(0)
+        hx = member_mean(twin.op(ens).reshape(ens.shape[0], -1))
         rec[key] = ((y.reshape(-1) - hx) ** 2).mean().sqrt()
 
 
@@ -585,10 +592,83 @@ class Campaign:
         for k in ks[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(_ckpt_dir(self.run_dir, k), ignore_errors=True)
 
+    # -- analysis ------------------------------------------------------------------------
+    def _guard_analysis(self, ens_a: torch.Tensor, theta_a: torch.Tensor, c: int,
+                        tm: _Split) -> None:
+        """Divergence guard on this rank's analysed members; every rank learns of any failure."""
+        bad = None
+        if len(self.members):
+            bad = _bad_member(torch.cat([ens_a.reshape(len(self.members), -1), theta_a], 1),
+                              self.cfg.blowup)
+        with tm("comm"):
+            found = self.comm.allgather(None if bad is None else (self.members.start + bad[0], bad[1]))
+        for r, f in enumerate(found):
+            if f is not None:
+                self.log.error("diverged in the analysis: cycle %d member %d", c, f[0])
+                raise _diverged(c, f[0], r, f[1], "analysis", c)
+
+    def _analyse_distributed(self, z_loc: torch.Tensor, ens_f: torch.Tensor, y: torch.Tensor,
+                             theta: torch.Tensor, truth: torch.Tensor | None, c: int,
+                             tm: _Split) -> tuple[dict[str, Any] | None, torch.Tensor, torch.Tensor]:
+        """EnSF (paired/gaussian) on this rank's members; statistics and metrics from the
+        column layout (two alltoalls and small allgathers instead of an allgather of z)."""
+        twin, m = self.twin, self.twin.model
+        d, n = math.prod(m.state_shape), self.cfg.members
+        lay = MPILayout(self.comm, n, twin.analysis.spec.column_chunk)
+        gens = [generator(self.cfg.seed, c, i, "analysis") for i in self.members]
+        with tm("analysis"):
+            res = twin.analysis.run(z_loc, y, gens, lay)
+        ens_a = res.z[:, :d].reshape(len(self.members), *m.state_shape)
+        theta_a = theta.clone()
+        if twin.est_idx:
+            theta_a[:, twin.est_idx] = twin._from_u(res.z[:, d:])
+        self._guard_analysis(ens_a, theta_a, c, tm)
+        cols = res.columns
+        ns = max(0, min(cols.stop, d) - cols.start)  # state columns among mine
+        with tm("analysis"):
+            fields = state_fields(res.prior_columns[:, :ns], res.post_columns[:, :ns],
+                                  None if truth is None else truth[cols.start:cols.start + ns])
+            hx_f = twin.op(ens_f).reshape(len(self.members), -1)
+            hx_a = twin.op(ens_a).reshape(len(self.members), -1)
+        with tm("comm"):
+            fields = lay.gather_columns(fields, d)
+            theta_all = lay.gather_rows(theta_a)
+            k = hx_f.shape[1]
+            hx_mean = lay.gather_columns(
+                torch.stack([member_mean(lay.to_columns(hx_f)), member_mean(lay.to_columns(hx_a))]), k)
+        rec = None
+        if self.rank == 0:
+            rec = twin.record_from_fields(fields, truth, theta_all, y)
+            for key, hm in (("rmse_obs_f", hx_mean[0]), ("rmse_obs_a", hx_mean[1])):
+                rec[key] = ((y.reshape(-1) - hm) ** 2).mean().sqrt()
+        return rec, ens_a, theta_a
+
+    def _analyse_replicated(self, z_loc: torch.Tensor, y: torch.Tensor, theta: torch.Tensor,
+                            truth: torch.Tensor | None, c: int,
+                            tm: _Split) -> tuple[dict[str, Any] | None, torch.Tensor, torch.Tensor]:
+        """Methods that need every member (LETKF, EnKF, mixture/gm EnSF): allgather of the
+        augmented forecast, the same analysis on every rank, each keeps its own rows."""
+        twin, m, comm = self.twin, self.twin.model, self.comm
+        n, d = self.cfg.members, math.prod(m.state_shape)
+        with tm("comm"):
+            parts = comm.allgather(z_loc.cpu().numpy())
+            theta_parts = comm.allgather(theta.cpu())
+        z = torch.from_numpy(np.concatenate(parts)).to(z_loc)
+        theta_full = torch.cat(theta_parts).to(theta)
+        with tm("analysis"):
+            ens_a, theta_a = twin.analyse(z, y, theta_full, c)
+        mine = slice(self.members.start, self.members.stop)
+        self._guard_analysis(ens_a[mine], theta_a[mine], c, tm)
+        rec = None
+        if self.rank == 0:
+            ens_f_full = z[:, :d].reshape(n, *m.state_shape)
+            rec = twin._record(truth, ens_f_full, ens_a, theta_a, y)
+            _observation_space(twin, rec, ens_f_full, ens_a, y)
+        return rec, ens_a[mine].clone(), theta_a[mine].clone()
+
     # -- main loop -------------------------------------------------------------------------
     def run(self, st: _Slice, prog: dict[str, Any]) -> int:
-        cfg, twin, m, comm = self.cfg, self.twin, self.twin.model, self.comm
-        n, d = cfg.members, math.prod(m.state_shape)
+        cfg, twin, comm = self.cfg, self.twin, self.comm
         obs = self.obs
         y_file = None if obs is None else torch.from_numpy(obs.y).to(twin.dtype)
         w = agree(comm, lambda: _StoreWriter(self.run_dir / STORE), _ERRORS)
@@ -616,27 +696,16 @@ class Campaign:
                             raise _diverged(c, f[0], r, f[1], "forecast", c)
                     y = twin.observe(truth, c) if y_file is None else y_file[c]
                     z_loc = twin.augment(ens_f, st.theta)
-                    with tm("comm"):
-                        parts = comm.allgather(z_loc.cpu().numpy())
-                        theta_parts = comm.allgather(st.theta.cpu())
-                    z = torch.from_numpy(np.concatenate(parts)).to(z_loc)
-                    theta_full = torch.cat(theta_parts).to(st.theta)
-                    with tm("analysis"):
-                        ens_a, theta_a = twin.analyse(z, y, theta_full, c)
-                    bad = _bad_member(torch.cat([ens_a.reshape(n, -1), theta_a], 1), cfg.blowup)
-                    if bad is not None:
-                        raise _diverged(c, bad[0], owner_of(bad[0], n, self.size), bad[1],
-                                        "analysis", c)
-                    ens_f_full = z[:, :d].reshape(n, *m.state_shape)
-                    rec = None
-                    if self.rank == 0:
-                        rec = twin._record(truth if obs is None else None, ens_f_full, ens_a,
-                                           theta_a, y)
-                        _observation_space(twin, rec, ens_f_full, ens_a, y)
-                    mine = slice(self.members.start, self.members.stop)
-                    theta_rows = theta_a[mine, :][:, twin.est_idx].clone()
-                    th_new = twin.roughen_theta(theta_a[mine].clone(), self.members, c)
-                    st = _Slice(truth, ens_a[mine].clone(), th_new, c + 1)
+                    t_flat = truth.reshape(-1) if obs is None else None
+                    if twin.analysis.distributable:
+                        rec, ens_a_mine, theta_a_mine = self._analyse_distributed(
+                            z_loc, ens_f, y, st.theta, t_flat, c, tm)
+                    else:
+                        rec, ens_a_mine, theta_a_mine = self._analyse_replicated(
+                            z_loc, y, st.theta, t_flat, c, tm)
+                    theta_rows = theta_a_mine[:, twin.est_idx].clone()
+                    th_new = twin.roughen_theta(theta_a_mine.clone(), self.members, c)
+                    st = _Slice(truth, ens_a_mine, th_new, c + 1)
                 seconds = time.perf_counter() - t0
                 # -- commit ------------------------------------------------------------------
                 with tm("io"):

@@ -402,6 +402,9 @@ class FilterConfig(Strict):
     rtps: Annotated[float, Field(ge=0, le=1)] = 0.0
     radius: Annotated[float, Field(gt=0)] | None = None
     ensf: EnSFConfig = Field(default_factory=EnSFConfig)
+    # columns per block of the distributed EnSF analysis (paired/gaussian) and of its regression
+    # sums; results are identical for any rank count at a fixed value
+    column_chunk: Annotated[int, Field(ge=1)] = 16384
 
 
 class InitialEnsembleConfig(Strict):

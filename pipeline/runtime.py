@@ -8,7 +8,11 @@ import os
 import sys
 from typing import Any
 
+import numpy as np
+import torch
 from tqdm import tqdm
+
+from kernels.assimilation import block_range, column_range
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -70,9 +74,56 @@ def world() -> Any:
 
 def member_slice(n: int, size: int, r: int) -> range:
     """The contiguous members ``[i0, i1)`` of rank ``r`` of ``size`` (sizes differ by ≤ 1)."""
-    base, extra = divmod(n, size)
-    i0 = r * base + min(r, extra)
-    return range(i0, i0 + base + (1 if r < extra else 0))
+    return block_range(n, size, r)
+
+
+class MPILayout:
+    """:class:`kernels.assimilation.Layout` over an MPI communicator.
+
+    Rank r holds the members ``member_slice(n, R, r)`` and, in the column layout, the whole
+    column blocks ``column_range(k, chunk, R, r)``. The transposes are one ``alltoall`` each:
+    a rank sends and receives about ``N·k/R`` numbers, R times less than an allgather of the
+    ensemble. Tensors travel as contiguous CPU numpy arrays and come back on the input's device.
+    """
+
+    def __init__(self, comm: Any, n: int, chunk: int) -> None:
+        self.comm, self.n, self.chunk = comm, n, chunk
+        self.size, self.rank = comm.Get_size(), comm.Get_rank()
+        self.members = member_slice(n, self.size, self.rank)
+        self._rows = [member_slice(n, self.size, r) for r in range(self.size)]
+
+    def _cols(self, k: int, r: int) -> range:
+        return column_range(k, self.chunk, self.size, r)
+
+    def columns(self, k: int) -> range:
+        return self._cols(k, self.rank)
+
+    def to_columns(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[1]
+        a = x.detach().cpu().numpy()
+        send = [np.ascontiguousarray(a[:, self._cols(k, r).start:self._cols(k, r).stop])
+                for r in range(self.size)]
+        got = self.comm.alltoall(send)  # rows of rank r, my columns: concatenated in member order
+        return torch.from_numpy(np.concatenate(got, axis=0)).to(x.device)
+
+    def to_members(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        a = x.detach().cpu().numpy()
+        send = [np.ascontiguousarray(a[rows.start:rows.stop]) for rows in self._rows]
+        got = self.comm.alltoall(send)  # my rows, columns of rank r: concatenated in column order
+        return torch.from_numpy(np.concatenate(got, axis=1)).to(x.device)
+
+    def gather_columns(self, v: torch.Tensor, k: int) -> torch.Tensor:
+        got = self.comm.allgather(np.ascontiguousarray(v.detach().cpu().numpy()))
+        return torch.from_numpy(np.concatenate(got, axis=-1)).to(v.device)
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        got = self.comm.allgather(np.ascontiguousarray(x.detach().cpu().numpy()))
+        return torch.from_numpy(np.concatenate(got, axis=0)).to(x.device)
+
+    def gather_blocks(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        got = self.comm.allgather([np.ascontiguousarray(p.detach().cpu().numpy()) for p in parts])
+        dev = parts[0].device if parts else torch.device("cpu")
+        return [torch.from_numpy(p).to(dev) for r in got for p in r]
 
 
 def owner_of(member: int, n: int, size: int) -> int:

@@ -34,6 +34,11 @@ FILTERS = {
     "enkf": {"method": "enkf", "inflation": 1.05},
     "ensf-paired": {"method": "ensf", "ensf": {"estimator": "paired", "steps": 20}},
     "ensf-gaussian": {"method": "ensf", "ensf": {"estimator": "gaussian", "steps": 20}},
+    # column blocks of 8 spread the 41 columns over every rank: the column-layout statistics,
+    # the regression's block sums and RTPS all cross ranks
+    "ensf-blocks": {"method": "ensf", "inflation": 1.05, "rtps": 0.3, "column_chunk": 8,
+                    "ensf": {"estimator": "gaussian", "likelihood": "denoised", "score_clip": 50,
+                             "steps": 20}},
 }
 
 
@@ -138,7 +143,7 @@ def test_one_rank_equals_twin_driver(tmp_path):
 @pytest.mark.mpi
 @needs_mpi
 @pytest.mark.parametrize("method,ranks", [("letkf", 4), ("ensf-paired", 4), ("ensf-gaussian", 2),
-                                          ("enkf", 2)])
+                                          ("ensf-blocks", 3), ("enkf", 2)])
 def test_rank_count_invariance(tmp_path, method, ranks):
     cfg = make_cfg(method)
     in_process(cfg, tmp_path / "r1")
