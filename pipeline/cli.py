@@ -178,7 +178,8 @@ COMMANDS = {"simulate": _cmd_simulate, "config": _cmd_config, "bench": _cmd_benc
             "demo": _cmd_demo}
 
 #: modules with ``add_cli(subparsers)``; each sub-parser sets ``func=handler(args) -> int``.
-STAGE_MODULES: list[str] = ["pipeline.generate", "pipeline.assimilate", "pipeline.campaign"]
+STAGE_MODULES: list[str] = ["pipeline.generate", "pipeline.assimilate", "pipeline.campaign",
+                             "pipeline.train"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

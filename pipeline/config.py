@@ -526,3 +526,70 @@ class CampaignConfig(AssimilateConfig):
 
 
 STAGES["campaign"] = CampaignConfig
+
+
+# --------------------------------------------------------------------------------------------
+# train: score networks over windows of the trajectory store (pipeline/train.py)
+class NetworkConfig(Strict):
+    """The ε-network: ``kind`` ring (1-D circular residual net) or unet (2-D, circular padding);
+    ``options`` go to ``kernels.score.nets.build_network`` (e.g. width, depth, mults)."""
+
+    kind: Literal["ring", "unet"] = "ring"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimConfig(Strict):
+    """AdamW with linear warm-up then cosine decay to ``lr · min_lr_ratio``."""
+
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup: Annotated[int, Field(ge=0)] = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    ema: Annotated[float, Field(ge=0, lt=1)] = 0.999
+
+
+class TrainConfig(Strict):
+    """``scoreda train``: a window denoiser on the store's train split, DDP over ranks."""
+
+    stage: Literal["train"] = "train"
+    store: str                                    # the trajectory store (.zarr)
+    grid: PosInt | None = None                    # stored grid (null: the first)
+    params: list[str] | None = None               # θ channels (null: those that vary in the store)
+    window: PosInt = 5                            # 2k + 1 consecutive saved states
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    eta: Annotated[float, Field(gt=0, lt=1)] = 1e-3
+    theta_weight: Annotated[float, Field(ge=0)] = 1.0
+    batch_size: PosInt = 32                       # global batch, split over ranks
+    steps: PosInt = 1000
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint_every: PosInt = 200
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    log_every: PosInt = 20
+    validate_every: PosInt = 200
+    valid_windows: PosInt = 256
+    seed: int = 0
+    dtype: Literal["float32", "float64"] = "float32"
+    device: Device = "cpu"
+    autocast: Literal["none", "bf16"] = "none"    # bf16 autocast (CUDA only)
+    threads: PosInt = 1                           # torch threads per rank
+    cache_mb: Annotated[int, Field(ge=0)] = 2048  # decoded-chunk cache per rank
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if not v.strip().endswith(".zarr"):
+            raise ValueError("must be a .zarr trajectory store")
+        return str(Path(v).expanduser().absolute())
+
+    @model_validator(mode="after")
+    def _train(self) -> TrainConfig:
+        if self.window % 2 == 0:
+            raise _field_error(("window",), "must be odd (2k + 1 states around a centre)")
+        if self.autocast == "bf16" and not self.device.startswith("cuda"):
+            raise _field_error(("autocast",), "bf16 autocast needs a cuda device")
+        return self
+
+
+STAGES["train"] = TrainConfig

@@ -203,3 +203,43 @@ def rank_logger(directory: str | os.PathLike[str], r: int, name: str = "scoreda"
     h.setFormatter(logging.Formatter("%(asctime)s rank " + str(r) + " %(message)s"))
     log.addHandler(h)
     return log
+
+
+# --------------------------------------------------------------------------------------------
+# torch.distributed (training)
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join (or skip) a torch.distributed process group from whatever launched us.
+
+    * ``torchrun``: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` are set → ``env://``;
+    * ``mpiexec`` / ``srun`` (with MPI): mpi4py's world gives rank and size; rank 0 picks a free
+      TCP port on its host and broadcasts the address → ``tcp://``;
+    * plain python: a world of one, no process group (nothing to average).
+
+    Backend: NCCL on CUDA, gloo on CPU. Returns ``(rank, world size)``.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    env = os.environ
+    if all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        r, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        if size > 1:
+            dist.init_process_group(backend, init_method="env://", rank=r, world_size=size)
+        return r, size
+    comm = world()
+    r, size = comm.Get_rank(), comm.Get_size()
+    if size == 1:
+        return 0, 1
+    addr = None
+    if r == 0:
+        import socket
+
+        host = socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:  # a free port now; the tiny race with other jobs is accepted
+            s.bind(("", 0))
+            addr = f"tcp://{host}:{s.getsockname()[1]}"
+    addr = comm.bcast(addr, root=0)
+    dist.init_process_group(backend, init_method=addr, rank=r, world_size=size)
+    return r, size

@@ -228,6 +228,7 @@ def dsm_loss(
     *,
     theta_weight: float = 1.0,
     draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    module: nn.Module | None = None,
 ) -> torch.Tensor:
     """Denoising score-matching loss in the ε parameterisation.
 
@@ -245,6 +246,9 @@ def dsm_loss(
         theta_weight: ``w``, the weight of the θ group relative to the state group (``>= 0``).
         draws: ``(t (B,), ε_state, ε_θ)`` drawn by the caller instead of from ``generator``
             (distributed training draws a global batch's noise and keeps its rows).
+        module: what to call for ``ε̂`` instead of ``denoiser`` itself — a
+            ``DistributedDataParallel`` wrapper of it, whose gradient hooks run only through
+            its ``forward``.
 
     Returns:
         Scalar loss.
@@ -252,7 +256,8 @@ def dsm_loss(
     x_state, x_theta = denoiser.normalizer.encode(state, theta)
     t, n_state, n_theta = draw_noise(x_state, x_theta, generator) if draws is None else draws
     sched = denoiser.schedule
-    e_state, e_theta = denoiser.eps(sched.perturb(x_state, t, n_state), sched.perturb(x_theta, t, n_theta), t)
+    net = denoiser if module is None else module
+    e_state, e_theta = net(sched.perturb(x_state, t, n_state), sched.perturb(x_theta, t, n_theta), t)
     return _combine(e_state - n_state, e_theta - n_theta, theta_weight)
 
 
