@@ -32,3 +32,14 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 @pytest.fixture(scope="session")
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return getattr(torch, request.config.getoption("--dtype"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small kernels lose more to thread hand-offs than they gain
+    on a shared 2-core machine (a small training run: ~2 s on one thread, ~25 s on two
+    contended ones, measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

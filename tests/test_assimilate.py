@@ -24,13 +24,7 @@ def _cfg(**over) -> AssimilateConfig:
     return validate(data, AssimilateConfig)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these runs are small: thread hand-offs cost more than they give on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("method,extra,members,bound", [

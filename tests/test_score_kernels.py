@@ -29,15 +29,7 @@ from kernels.score import (
     trivial_dsm_loss,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small convolutions: thread hand-offs cost more than they give on a shared 2-core box
-    # (the training test takes ~2 s on one thread and ~25 s on two contended ones, measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

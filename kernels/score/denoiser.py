@@ -180,24 +180,24 @@ class WindowDenoiser(nn.Module):
 
     forward = eps
 
+    def _eps_scales(self, x_state: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor | float):
+        """``ε̂`` of both groups with their broadcastable ``(μ, σ)``."""
+        e_state, e_theta = self.eps(x_state, x_theta, t)
+        t = self._t(t, x_state)
+        return e_state, e_theta, self.schedule.mu_sigma(t, x_state), self.schedule.mu_sigma(t, x_theta)
+
     def denoise(
         self, x_state: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor | float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Estimate of the clean window ``x̂_0 = (x_t − σ ε̂) / μ`` (Tweedie's posterior mean)."""
-        e_state, e_theta = self.eps(x_state, x_theta, t)
-        t = self._t(t, x_state)
-        mu, sigma = self.schedule.mu_sigma(t, x_state)
-        mu_p, sigma_p = self.schedule.mu_sigma(t, x_theta)
+        e_state, e_theta, (mu, sigma), (mu_p, sigma_p) = self._eps_scales(x_state, x_theta, t)
         return (x_state - sigma * e_state) / mu, (x_theta - sigma_p * e_theta) / mu_p
 
     def score(
         self, x_state: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor | float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score ``∇ log p_t(x_t) ≈ −ε̂ / σ(t)`` of the diffused window."""
-        e_state, e_theta = self.eps(x_state, x_theta, t)
-        t = self._t(t, x_state)
-        _, sigma = self.schedule.mu_sigma(t, x_state)
-        _, sigma_p = self.schedule.mu_sigma(t, x_theta)
+        e_state, e_theta, (_, sigma), (_, sigma_p) = self._eps_scales(x_state, x_theta, t)
         return -e_state / sigma, -e_theta / sigma_p
 
 
