@@ -1,4 +1,5 @@
-"""Score networks and SDA pieces: noise schedule, window networks, denoiser and training loss."""
+"""Score networks and SDA pieces: noise schedule, window networks, denoiser, training loss,
+window-score composition and the posterior sampler."""
 
 from __future__ import annotations
 
@@ -21,12 +22,26 @@ from kernels.score.nets import (
     build_network,
 )
 from kernels.score.schedule import VPSchedule
+from kernels.score.sda import (
+    EpsFn,
+    ObserveFn,
+    SDASettings,
+    composed_eps,
+    composed_score,
+    make_window_observe,
+    posterior_eps,
+    sample_posterior,
+    trajectory_eps,
+)
 
 __all__ = [
     "NETWORK_KINDS",
     "RING_OPTIONS",
     "UNET_OPTIONS",
     "DenoisingError",
+    "EpsFn",
+    "ObserveFn",
+    "SDASettings",
     "Normalizer",
     "RingResNet",
     "TimeEmbedding",
@@ -34,8 +49,14 @@ __all__ = [
     "VPSchedule",
     "WindowDenoiser",
     "build_network",
+    "composed_eps",
+    "composed_score",
     "denoising_error",
     "draw_noise",
     "dsm_loss",
+    "make_window_observe",
+    "posterior_eps",
+    "sample_posterior",
+    "trajectory_eps",
     "trivial_dsm_loss",
 ]

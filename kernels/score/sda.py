@@ -1,0 +1,511 @@
+"""Score-based data assimilation (Rozet & Louppe, 2023) with parameters θ in the state.
+
+Composition. A window network predicts the noise ``ε̂`` of ``W = 2k + 1`` consecutive augmented
+states ``(x_i, θ_i)``. For a Markov chain of order ≤ k the score of a whole trajectory
+``x_{1:L}`` is, to a good approximation, assembled from the scores of its windows
+(:func:`composed_eps`): state ``i`` takes the centre output of the window centred at ``i``; the
+first ``k`` states take positions ``0..k−1`` of the first window and the last ``k`` states
+positions ``k+1..2k`` of the last window. For a Gaussian Markov chain the assembly is exact in
+the clean limit (the precision of the chain is banded) and the error grows with the noise level
+and shrinks with ``k`` (measured in ``tests/test_sda_kernels.py``).
+
+Posterior sampling (:func:`sample_posterior`), everything in normalised space, with the VP
+schedule ``x_t = μ_t x_0 + σ_t ε``:
+
+* *likelihood*: with the Tweedie estimate ``x̂_0(x_t) = (x_t − σ_t ε̂(x_t)) / μ_t`` and a
+  caller-supplied ``observe`` (``x̂_0 ↦`` predicted observations),
+
+      log p(y | x_t) ≈ log N(y | observe(x̂_0(x_t)), σ_y² + γ (σ_t / μ_t)²)
+
+  whose gradient with respect to ``x_t`` is taken by autograd *through the denoiser*; the
+  posterior noise is ``ε_post = ε̂ − σ_t ∇_{x_t} log p(y | x_t)`` (:func:`posterior_eps`).
+* *predictor*: exponential-integrator (DDIM) step from ``t`` to ``s = t − Δt``,
+
+      x_s = r x_t + (√(σ_s² − c²) − r σ_t) ε_post + c z,    r = μ_s / μ_t,
+
+  with ``c = η_ddim σ_s σ_{t|s} / σ_t``, ``σ_{t|s}² = σ_t² − (μ_t/μ_s)² σ_s²``: ``η_ddim = 0``
+  is SDA's deterministic step, ``η_ddim = 1`` the ancestral (DDPM) step.
+* *corrector*: ``C`` Langevin steps at ``s`` with SDA's step-size rule,
+
+      δ = τ / mean(ε_post²),    x ← x − σ_s (δ ε_post + √(2δ) z),
+
+  i.e. Langevin ``x ← x + h ∇log p + √(2h) z`` with ``h = δ σ_s² = τ / mean(‖∇log p‖²)``; the
+  mean runs over every entry (state and θ) of one sample, so each sample gets its own step.
+
+The reverse process starts from ``x_1 ~ N(0, I)`` on the grid ``t_j = 1 − j/steps`` and returns
+``x`` at ``t = 0`` (σ_0 = η of the schedule, negligible).
+
+Randomness: sample ``b`` draws all its noise from ``generators[b]``, in blocks whose length
+depends only on the size of one sample and ``noise_block``, never on the batch. As long as
+``eps_fn`` and ``observe`` act on each sample independently (no batch statistics), a sample's
+result is the same alone or in any batch up to floating-point reassociation in batched kernels.
+Measured: bitwise equal on the CPU (float64 and float32, analytic test networks); on an H200 with
+a ring network not bitwise, since cuDNN picks its convolution algorithm (TF32 by default) by
+batch size: one composed ε differs by ~2.5e-5 in float32 between a batch of 8 and a subset of
+3, by ~1e-16 relative in float64; sampling then carries such differences along.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kernels.score.denoiser import Normalizer
+from kernels.score.schedule import VPSchedule
+
+#: ``(x_state (B, W, C, *sp), x_theta (B, W, P), t (B,)) -> (ε_state, ε_theta)``, same shapes.
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: ``(x̂0_state (B, L, C, *sp), x̂0_theta (B, L, P))`` (normalised) ``-> (B, m)`` predicted observations.
+ObserveFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+__all__ = [
+    "EpsFn",
+    "ObserveFn",
+    "SDASettings",
+    "composed_eps",
+    "composed_score",
+    "make_window_observe",
+    "posterior_eps",
+    "sample_posterior",
+    "trajectory_eps",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# composition of window scores
+def _batch_t(t: torch.Tensor | float, batch: int, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a scalar or of shape ({batch},), got {tuple(t.shape)}")
+    return t
+
+
+def composed_eps(
+    eps_fn: EpsFn,
+    x_state: torch.Tensor,
+    x_theta: torch.Tensor,
+    t: torch.Tensor | float,
+    window: int,
+    *,
+    chunk: int | None = None,
+    static_theta: VPSchedule | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise prediction of whole trajectories assembled from a window network.
+
+    All ``L − 2k`` windows of all ``B`` trajectories go through ``eps_fn`` in one batched call
+    (or in calls of at most ``chunk`` windows). Interior state ``i`` takes the centre output of
+    the window centred at ``i``; states ``0..k−1`` take positions ``0..k−1`` of the first window
+    and states ``L−k..L−1`` positions ``k+1..2k`` of the last one. θ is assembled the same way.
+
+    Args:
+        eps_fn: window noise predictor, e.g. ``WindowDenoiser.eps``; must treat windows
+            independently (no batch statistics).
+        x_state: diffused trajectories ``(B, L, C, *spatial)``.
+        x_theta: their parameters ``(B, L, P)``; ``P = 0`` allowed.
+        t: diffusion time, scalar or ``(B,)``.
+        window: ``W = 2k + 1``, odd, ``1 ≤ W ≤ L``.
+        chunk: most windows per ``eps_fn`` call (bounds memory); ``None`` for one call.
+        static_theta: the schedule, to treat θ as **one** parameter vector per trajectory
+            (``x_theta (B, 1, P)``, returned ``(B, 1, P)``): every window sees it at all W
+            positions and the window scores are pooled (:func:`_pool_static_theta`). Per-frame θ
+            (the default) suits a θ that moves (a random walk); with a static θ the per-frame
+            copies of distant windows drift apart and the sampler diverges (measured on
+            Lorenz-96, L ≥ 17, W = 5: states beyond 100 in normalised units).
+
+    Returns:
+        ``ε_state (B, L, C, *spatial)`` and ``ε_theta (B, L, P)`` (``(B, 1, P)`` with
+        ``static_theta``); differentiable through ``eps_fn`` with respect to the inputs.
+    """
+    theta_in = x_theta
+    if static_theta is not None:
+        if x_theta.dim() != 3 or x_theta.shape[1] != 1:
+            raise ValueError(f"static θ must be (B, 1, P), got {tuple(x_theta.shape)}")
+        x_theta = x_theta.expand(-1, x_state.shape[1], -1)
+    if x_state.dim() < 3 or x_theta.dim() != 3 or x_theta.shape[:2] != x_state.shape[:2]:
+        raise ValueError(f"need x_state (B, L, C, *spatial) and x_theta (B, L, P), got "
+                         f"{tuple(x_state.shape)} and {tuple(x_theta.shape)}")
+    b, length = x_state.shape[:2]
+    if isinstance(window, bool) or int(window) != window or window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be an odd positive integer, got {window!r}")
+    if window > length:
+        raise ValueError(f"window {window} is longer than the trajectory (L = {length})")
+    if chunk is not None and (isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1):
+        raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
+    w, k = int(window), int(window) // 2
+    n = length - 2 * k  # windows per trajectory
+    tb = _batch_t(t, b, x_state)
+
+    # (B, n, C, *sp, W) and (B, n, P, W) views; windows are gathered chunk by chunk, so the
+    # W-fold copy only ever exists for one chunk
+    us = x_state.unfold(1, w, 1)
+    ut = x_theta.unfold(1, w, 1)
+    out_s = x_state.new_empty(x_state.shape)
+    out_t = x_theta.new_empty(x_theta.shape)
+    pooled = x_theta.new_zeros(b, x_theta.shape[2])  # static θ: Σ over windows of the mean copy ε
+    total = b * n
+    step = total if chunk is None else int(chunk)
+    for start in range(0, total, step):
+        idx = torch.arange(start, min(start + step, total), device=x_state.device)
+        bi, ji = idx // n, idx % n
+        ws, wt = us[bi, ji].movedim(-1, 1), ut[bi, ji].movedim(-1, 1)
+        es, et = eps_fn(ws, wt, tb[bi])
+        if es.shape != ws.shape or et.shape != wt.shape:
+            raise ValueError(f"eps_fn returned {tuple(es.shape)}, {tuple(et.shape)}; expected "
+                             f"{tuple(ws.shape)}, {tuple(wt.shape)}")
+        out_s[bi, ji + k], out_t[bi, ji + k] = es[:, k], et[:, k]
+        if static_theta is not None:
+            pooled = pooled.index_add(0, bi, et[:, k])
+        first, last = ji == 0, ji == n - 1
+        if k and bool(first.any()):
+            out_s[bi[first], :k], out_t[bi[first], :k] = es[first, :k], et[first, :k]
+        if k and bool(last.any()):
+            out_s[bi[last], length - k:] = es[last, k + 1:]
+            out_t[bi[last], length - k:] = et[last, k + 1:]
+    if static_theta is not None:
+        return out_s, _pool_static_theta(pooled, theta_in, tb, n, w, static_theta)
+    return out_s, out_t
+
+
+def _pool_static_theta(pooled: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor, n: int,
+                       w: int, schedule: VPSchedule) -> torch.Tensor:
+    """ε of one static θ ``(B, 1, P)`` from the ``n`` windows' mean copy outputs summed, ``(B, P)``.
+
+    The mean over windows: the prior the states put on θ counts as one window's. Counting each
+    transition once instead (``s_prior + Σ_j (s_j − s_prior)/(W − 1)``) makes the θ score up to
+    ``n/(W − 1)`` times stiffer and the ε-space integrator diverges at 64–128 steps (measured on
+    Lorenz-96, L = 17 and 32). What the observations say about θ still comes from every frame:
+    the likelihood gradient flows through θ into each window's denoised states. Measured on the
+    analytic θ + noise chain (tests/test_sda_kernels.py): posterior mean right, spread 2.3× too
+    wide — conservative intervals.
+    """
+    del x_theta, t, w, schedule  # the pooled mean needs none of them; kept for the call shape
+    return (pooled / n).unsqueeze(1)
+
+
+def trajectory_eps(eps_fn: EpsFn, window: int, *, chunk: int | None = None,
+                   static_theta: VPSchedule | None = None) -> EpsFn:
+    """``eps_fn`` over windows of ``W`` states turned into one over whole trajectories
+    (:func:`composed_eps`), the form :func:`sample_posterior` takes (with ``static_theta``,
+    sample with ``theta_frames=1``)."""
+
+    def eps(
+        x_state: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return composed_eps(eps_fn, x_state, x_theta, t, window, chunk=chunk,
+                            static_theta=static_theta)
+
+    return eps
+
+
+def composed_score(
+    eps_fn: EpsFn,
+    schedule: VPSchedule,
+    x_state: torch.Tensor,
+    x_theta: torch.Tensor,
+    t: torch.Tensor | float,
+    window: int,
+    *,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score ``∇ log p_t(x_{1:L}) ≈ −ε/σ(t)`` of whole trajectories from :func:`composed_eps`.
+
+    Shapes as in :func:`composed_eps`; returns ``(B, L, C, *spatial)`` and ``(B, L, P)``.
+    """
+    es, et = composed_eps(eps_fn, x_state, x_theta, t, window, chunk=chunk)
+    tb = _batch_t(t, x_state.shape[0], x_state)
+    _, sig_s = schedule.mu_sigma(tb, x_state)
+    _, sig_t = schedule.mu_sigma(tb, x_theta)
+    return -es / sig_s, -et / sig_t
+
+
+# ------------------------------------------------------------------------------------------------
+# observations
+def make_window_observe(
+    normalizer: Normalizer,
+    operator: Callable[[torch.Tensor], torch.Tensor],
+    times: Sequence[int],
+    state_shape: Sequence[int] | None = None,
+) -> ObserveFn:
+    """Observation function of a window for :func:`sample_posterior`.
+
+    Decodes the normalised estimate to physical units, takes the states at ``times`` and
+    applies ``operator`` (e.g. a :class:`kernels.observe.ObservationOperator`) to each.
+
+    Args:
+        normalizer: the denoiser's normaliser.
+        operator: ``(N, *state_shape) -> (N, m)``, differentiable torch.
+        times: indices into the window's time axis of the observed states.
+        state_shape: shape the operator expects for one state; defaults to
+            ``operator.state_shape``. A window state ``(C, *spatial)`` is reshaped to it (a
+            one-channel ring ``(1, n)`` becomes ``(n,)``).
+
+    Returns:
+        ``observe(x̂0_state (B, L, C, *sp), x̂0_theta (B, L, P)) -> (B, len(times)·m)``,
+        time-major (all observations of ``times[0]`` first), the layout ``y`` must follow.
+    """
+    shape = tuple(state_shape if state_shape is not None else operator.state_shape)  # type: ignore[attr-defined]
+    index = torch.as_tensor(list(times), dtype=torch.long)
+    if index.dim() != 1 or index.numel() == 0:
+        raise ValueError(f"times must be a non-empty sequence of indices, got {times!r}")
+
+    def observe(x_state: torch.Tensor, x_theta: torch.Tensor) -> torch.Tensor:
+        phys, _ = normalizer.decode(x_state, x_theta)
+        sel = phys.index_select(1, index.to(phys.device))  # (B, T, C, *sp)
+        hx = operator(sel.reshape(-1, *shape))  # (B·T, m)
+        return hx.reshape(x_state.shape[0], -1)
+
+    return observe
+
+
+def _obs_variance(
+    sigma_y: float | torch.Tensor, gamma: float, gamma_scale: float | torch.Tensor | None,
+    ratio2: torch.Tensor, like: torch.Tensor,
+) -> torch.Tensor:
+    """``σ_y² + γ·scale·(σ_t/μ_t)²`` broadcast against ``like (B, m)``; ``ratio2 (B, 1)``."""
+    sy = torch.as_tensor(sigma_y, dtype=like.dtype, device=like.device)
+    scale = 1.0 if gamma_scale is None else torch.as_tensor(gamma_scale, dtype=like.dtype, device=like.device)
+    for name, v in (("sigma_y", sy), ("gamma_scale", torch.as_tensor(scale))):
+        if v.dim() > 1 or (v.dim() == 1 and v.shape[0] not in (1, like.shape[-1])):
+            raise ValueError(f"{name} must be a scalar or ({like.shape[-1]},), got {tuple(v.shape)}")
+    return sy * sy + gamma * scale * ratio2
+
+
+def posterior_eps(
+    eps_fn: EpsFn,
+    schedule: VPSchedule,
+    x_state: torch.Tensor,
+    x_theta: torch.Tensor,
+    t: torch.Tensor | float,
+    observe: ObserveFn,
+    y: torch.Tensor,
+    sigma_y: float | torch.Tensor,
+    gamma: float,
+    *,
+    gamma_scale: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior noise ``ε̂ − σ_t ∇_{x_t} log N(y | observe(x̂_0), σ_y² + γ (σ_t/μ_t)²)``.
+
+    The gradient goes by autograd through ``eps_fn`` (``x̂_0 = (x_t − σ_t ε̂)/μ_t``), as in SDA;
+    it is taken of the sum of the samples' log-likelihoods, which is each sample's own gradient
+    when ``eps_fn`` and ``observe`` act on samples independently.
+
+    Args:
+        eps_fn: trajectory noise predictor (:func:`trajectory_eps`), normalised space.
+        schedule: the noise schedule.
+        x_state: ``(B, L, C, *spatial)``.
+        x_theta: ``(B, L, P)``.
+        t: diffusion time, scalar or ``(B,)``.
+        observe: ``(x̂0_state, x̂0_theta) -> (B, m)`` predicted observations.
+        y: observations ``(m,)`` (shared) or ``(B, m)``.
+        sigma_y: observation noise std, float or ``(m,)``.
+        gamma: ``γ`` of the likelihood variance.
+        gamma_scale: optional ``(m,)`` (or float) factor on ``γ`` per observation, e.g. the
+            squared physical std of the observed channel when ``observe`` returns physical
+            units (``(σ_t/μ_t)²`` is a variance in normalised units).
+
+    Returns:
+        ``ε_post`` for the state ``(B, L, C, *spatial)`` and θ ``(B, L, P)``, detached.
+    """
+    b = x_state.shape[0]
+    tb = _batch_t(t, b, x_state)
+    mu_s, sig_s = schedule.mu_sigma(tb, x_state)
+    mu_t, sig_t = schedule.mu_sigma(tb, x_theta)
+    with torch.enable_grad():
+        xs = x_state.detach().requires_grad_(True)
+        xt = x_theta.detach().requires_grad_(True)
+        es, et = eps_fn(xs, xt, tb)
+        pred = observe((xs - sig_s * es) / mu_s, (xt - sig_t * et) / mu_t)
+        if pred.dim() != 2 or pred.shape[0] != b:
+            raise ValueError(f"observe must return (B, m) = ({b}, m), got {tuple(pred.shape)}")
+        if not (y.shape == pred.shape or y.shape == pred.shape[1:]):
+            raise ValueError(f"y has shape {tuple(y.shape)}; expected ({pred.shape[1]},) or "
+                             f"{tuple(pred.shape)}")
+        mu_y, sig_y = schedule.mu_sigma(tb, pred)
+        var = _obs_variance(sigma_y, gamma, gamma_scale, (sig_y / mu_y) ** 2, pred)
+        log_p = -0.5 * ((y.to(pred) - pred).square() / var).sum()
+        gs, gt = torch.autograd.grad(log_p, (xs, xt), allow_unused=True)
+    gs = torch.zeros_like(xs) if gs is None else gs
+    gt = torch.zeros_like(xt) if gt is None else gt
+    return (es - sig_s * gs).detach(), (et - sig_t * gt).detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# sampler
+@dataclass(frozen=True)
+class SDASettings:
+    """Settings of the predictor–corrector posterior sampler.
+
+    Attributes:
+        steps: predictor steps from ``t = 1`` to ``t = 0`` (uniform grid).
+        corrector: Langevin corrector steps ``C`` after each predictor step (0: none).
+        tau: corrector step factor ``τ > 0``: Langevin step ``τ / mean(‖∇log p‖²)`` per sample.
+        gamma: ``γ ≥ 0`` in the likelihood variance ``σ_y² + γ (σ_t/μ_t)²``.
+        ddim_eta: stochasticity of the predictor in ``[0, 1]``: 0 = deterministic DDIM (SDA),
+            1 = ancestral sampling.
+        noise_block: elements of noise drawn per sample and request (several steps at once);
+            the block length depends only on the size of one sample, never on the batch.
+    """
+
+    steps: int = 256
+    corrector: int = 1
+    tau: float = 0.5
+    gamma: float = 1e-2
+    ddim_eta: float = 0.0
+    noise_block: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        def _int(name: str, low: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+
+        def _real(name: str, ok: Callable[[float], bool], what: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"{name} must be {what}, got {v!r}")
+
+        _int("steps", 1)
+        _int("corrector", 0)
+        _real("tau", lambda v: v > 0, "a finite number > 0")
+        _real("gamma", lambda v: v >= 0, "a finite number >= 0")
+        _real("ddim_eta", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        _int("noise_block", 1)
+
+
+class _NoiseStream:
+    """Per-sample standard normals ``(B, d)``, one vector per :meth:`draw`, from one generator per
+    sample, requested in blocks of ``k`` vectors where ``k`` depends only on ``d``: how
+    ``torch.randn`` consumes a generator depends on the request size, so the requests must not
+    depend on the batch."""
+
+    def __init__(self, generators: Sequence[torch.Generator], d: int, total: int, block_elems: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.generators, self.d, self.left = generators, d, total
+        self.k = max(1, min(total, block_elems // max(d, 1)))
+        self.dtype, self.device = dtype, device
+        self.buf = torch.empty(len(generators), 0, d, dtype=dtype)
+        self.pos = 0
+
+    def draw(self) -> torch.Tensor:
+        if self.pos == self.buf.shape[1]:
+            kb = min(self.k, self.left)
+            if kb < 1:
+                raise RuntimeError("noise stream exhausted")
+            gdev = self.generators[0].device
+            buf = torch.empty(len(self.generators), kb, self.d, dtype=self.dtype, device=gdev)
+            for i, g in enumerate(self.generators):
+                torch.randn(kb, self.d, generator=g, dtype=self.dtype, device=gdev, out=buf[i])
+            self.buf, self.pos, self.left = buf.to(self.device), 0, self.left - kb
+        self.pos += 1
+        return self.buf[:, self.pos - 1]
+
+
+def sample_posterior(
+    eps_fn: EpsFn,
+    schedule: VPSchedule,
+    state_shape: Sequence[int],
+    n_params: int,
+    generators: Sequence[torch.Generator],
+    settings: SDASettings | None = None,
+    *,
+    observe: ObserveFn | None = None,
+    y: torch.Tensor | None = None,
+    sigma_y: float | torch.Tensor = 1.0,
+    gamma_scale: float | torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    theta_frames: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample trajectories ``x_{1:L}`` (and θ) from the SDA posterior, in normalised space.
+
+    Predictor–corrector scheme of the module docstring; one sample per generator, all in one
+    batch. Without ``observe`` it samples the prior.
+
+    Args:
+        eps_fn: trajectory noise predictor ``(B, L, C, *sp), (B, L, P), (B,) -> ε``, e.g.
+            ``trajectory_eps(denoiser.eps, W)``; must act on samples independently.
+        schedule: the noise schedule the predictor was trained with.
+        state_shape: ``(L, C, *spatial)`` of one trajectory.
+        n_params: ``P``.
+        generators: one ``torch.Generator`` per sample, all on one device; ``B = len(generators)``.
+        settings: :class:`SDASettings` (defaults when None).
+        observe: ``(x̂0_state (B, L, C, *sp), x̂0_theta (B, L, P)) -> (B, m)``, taking normalised
+            estimates (decode inside, e.g. :func:`make_window_observe`); None: prior sampling.
+        y: observations ``(m,)`` or ``(B, m)``; needed with ``observe``.
+        sigma_y: observation noise std, float or ``(m,)``, in the units of ``observe``'s output.
+        gamma_scale: optional per-observation factor on ``γ`` (:func:`posterior_eps`).
+        dtype: working dtype.
+        device: working device (default: the generators' device).
+        theta_frames: frames of θ, ``L`` (default: one θ per frame) or ``1`` (one static θ
+            per trajectory, with ``trajectory_eps(..., static_theta=schedule)``).
+
+    Returns:
+        ``x_state (B, L, C, *spatial)`` and ``x_theta (B, theta_frames, P)`` at ``t = 0``,
+        normalised.
+    """
+    s = SDASettings() if settings is None else settings
+    if len(generators) < 1:
+        raise ValueError("need at least one generator (one per sample)")
+    if len({g.device for g in generators}) > 1:
+        raise ValueError("all generators must live on the same device")
+    if observe is not None and y is None:
+        raise ValueError("observe was given without observations y")
+    state_shape = tuple(int(v) for v in state_shape)
+    if len(state_shape) < 2 or min(state_shape) < 1 or n_params < 0:
+        raise ValueError(f"bad shapes: state_shape={state_shape} (need (L, C, *spatial)), "
+                         f"n_params={n_params}")
+    dev = torch.device(device) if device is not None else generators[0].device
+    b, length = len(generators), state_shape[0]
+    d_state = math.prod(state_shape)
+    t_frames = length if theta_frames is None else int(theta_frames)
+    if t_frames not in (1, length):
+        raise ValueError(f"theta_frames must be 1 or L = {length}, got {theta_frames!r}")
+    d = d_state + t_frames * n_params
+
+    def split(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return z[:, :d_state].reshape(b, *state_shape), z[:, d_state:].reshape(b, t_frames, n_params)
+
+    def eps_at(xs: torch.Tensor, xt: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if observe is None:
+            return eps_fn(xs, xt, torch.full((b,), t, dtype=dtype, device=dev))
+        return posterior_eps(eps_fn, schedule, xs, xt, t, observe, y, sigma_y, s.gamma,
+                             gamma_scale=gamma_scale)
+
+    def ms(t: float) -> tuple[float, float]:
+        tt = torch.tensor(t, dtype=torch.float64)  # schedule in float64 whatever the working dtype
+        return float(schedule.mu(tt)), float(schedule.sigma(tt))
+
+    stochastic = s.ddim_eta > 0
+    noise = _NoiseStream(generators, d, 1 + s.steps * (s.corrector + stochastic), s.noise_block, dtype, dev)
+    xs, xt = split(noise.draw())
+    tiny = torch.finfo(dtype).tiny
+    with torch.no_grad():
+        for j in range(s.steps):
+            t, t_next = 1.0 - j / s.steps, 1.0 - (j + 1) / s.steps
+            (mu_t, sig_t), (mu_n, sig_n) = ms(t), ms(t_next)
+            es, et = eps_at(xs, xt, t)
+            r = mu_n / mu_t
+            c = 0.0
+            if stochastic:
+                cond2 = max(sig_t**2 - (mu_t / mu_n) ** 2 * sig_n**2, 0.0)  # Var[x_t | x_s]
+                c = s.ddim_eta * sig_n * math.sqrt(cond2) / sig_t
+            a = math.sqrt(max(sig_n**2 - c * c, 0.0)) - r * sig_t
+            xs, xt = r * xs + a * es, r * xt + a * et
+            if stochastic:
+                zs, zt = split(noise.draw())
+                xs, xt = xs + c * zs, xt + c * zt
+            for _ in range(s.corrector):
+                es, et = eps_at(xs, xt, t_next)
+                msq = (es.reshape(b, -1).square().sum(1) + et.reshape(b, -1).square().sum(1)) / d
+                delta = s.tau / msq.clamp_min(tiny)  # (B,): each sample its own step
+                zs, zt = split(noise.draw())
+                ds = delta.reshape(b, *([1] * (xs.dim() - 1)))
+                dt_ = delta.reshape(b, 1, 1)
+                xs = xs - sig_n * (ds * es + torch.sqrt(2 * ds) * zs)
+                xt = xt - sig_n * (dt_ * et + torch.sqrt(2 * dt_) * zt)
+    return xs, xt
