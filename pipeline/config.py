@@ -593,3 +593,48 @@ class TrainConfig(Strict):
 
 
 STAGES["train"] = TrainConfig
+
+
+# --------------------------------------------------------------------------------------------
+# smooth: SDA posterior sampling of a trajectory window and θ (pipeline/smooth.py)
+class SDAConfig(Strict):
+    """Predictor–corrector sampler of ``kernels.score.sda`` (docs/smooth.md)."""
+
+    steps: PosInt = 128                              # reverse-diffusion steps from t = 1 to 0
+    corrector: NonNegInt = 1                         # Langevin corrector steps per step (≥ 1:
+                                                     # without it composed sampling diverges)
+    tau: Annotated[float, Field(gt=0)] = 0.25        # corrector step-size factor
+    gamma: Annotated[float, Field(ge=0)] = 1.0       # likelihood variance σ_y² + γ s (σ_t/μ_t)²,
+                                                     # s = state variance (physical units)
+    ddim_eta: Annotated[float, Field(ge=0, le=1)] = 0.0  # 0 deterministic DDIM predictor, 1 ancestral
+
+
+class SmoothConfig(Strict):
+    """``scoreda smooth``: posterior samples of a whole trajectory window and θ, given noisy
+    observations of a held-out (test-split) trajectory of a store, with a trained window model."""
+
+    stage: Literal["smooth"] = "smooth"
+    model_run: str                                   # run directory of `scoreda train`
+    store: str | None = None                         # truth source (null: the training store)
+    trajectory: NonNegInt = 0                        # index among the store's test trajectories
+    start: NonNegInt = 0                             # first frame of the window
+    length: PosInt = 32                              # frames L sampled jointly (≥ the model window)
+    observation: ObservationConfig = Field(default_factory=ObservationConfig)
+    samples: PosInt = 32                             # posterior samples (split over MPI ranks)
+    sda: SDAConfig = Field(default_factory=SDAConfig)
+    seed: NonNegInt = 0                              # streams (seed, "obs", frame), (seed, "sample", i)
+    dtype: Literal["float32", "float64"] = "float32"
+    device: Device = "cpu"
+    threads: PosInt = 1
+
+    @field_validator("model_run", "store")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return str(Path(v).expanduser().absolute())
+
+
+STAGES["smooth"] = SmoothConfig

@@ -1,0 +1,354 @@
+"""``scoreda smooth``: joint posterior samples of a trajectory window and its parameters θ (SDA).
+
+A window model trained by ``scoreda train`` is composed over a window of ``length`` frames
+(:func:`kernels.score.sda.trajectory_eps`) and sampled with the predictor–corrector scheme of
+:func:`kernels.score.sda.sample_posterior`, conditioned on observations of a held-out trajectory:
+frame ``start .. start + length`` of trajectory ``trajectory`` of the store's *test* split is the
+truth, and every ``observation.every``-th frame is observed through ``observation.kind`` (+
+nonlinearity) with N(0, σ²) noise from the stream ``(seed, "obs", frame)``.
+
+The θ channels of the samples are the self-organized parameter estimate: each sample's θ
+averaged over the window's frames is one posterior draw of θ (static θ in the store) — mean,
+90 % interval and coverage of the truth are reported.
+
+Under ``mpiexec -n R`` rank r draws samples ``member_slice(samples, R, r)``, each from its own
+stream ``(seed, "sample", i)``: the samples do not depend on R. Rank 0 gathers and writes.
+
+Output directory (written under a temporary name and renamed: never half-written):
+``config.yaml``, ``smooth.zarr`` (state samples ``(sample, time, *space)`` per variable,
+``theta(sample, time, param)`` natural units, ``truth_*``, ``theta_truth``, ``y(obs_time, obs)``),
+``metrics.json``, ``summary.md``, ``states.png``, ``theta.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kernels import metrics
+from kernels.observe import add_noise, make_operator
+from kernels.score.sda import SDASettings, make_window_observe, sample_posterior, trajectory_eps
+from kernels.streams import generator
+from pipeline.config import (
+    ConfigError,
+    ModelConfig,
+    SmoothConfig,
+    TrainConfig,
+    dump,
+    load_yaml,
+    resolve_config_path,
+    validate,
+)
+from pipeline.runtime import member_slice, progress, tune_allocator, world
+from pipeline.storage import OutputError, write_text_atomic
+
+CONFIG, STORE, METRICS, SUMMARY = "config.yaml", "smooth.zarr", "metrics.json", "summary.md"
+
+
+class Problem:
+    """The truth window, its observations and the trained model of a smoothing config."""
+
+    def __init__(self, cfg: SmoothConfig) -> None:
+        from pipeline.train import CONFIG as TRAIN_CONFIG
+        from pipeline.train import WindowSource, load_model
+
+        self.cfg = cfg
+        run = Path(cfg.model_run)
+        if not (run / "model.pt").exists():
+            raise OutputError(f"{run}: no model.pt (not a finished `scoreda train` run)")
+        self.den, self.spec = load_model(run, cfg.device)
+        self.den = self.den.to(dtype=getattr(torch, cfg.dtype))
+        tdata = load_yaml(run / TRAIN_CONFIG)
+        if cfg.store is not None:
+            tdata["store"] = cfg.store
+        tdata["window"] = 1  # one frame per row: the window is assembled here
+        tcfg = validate(tdata, TrainConfig, str(run / TRAIN_CONFIG))
+        assert isinstance(tcfg, TrainConfig)
+        src = WindowSource(tcfg, "test")
+        if src.param_names != self.spec["params"] or src.names != self.spec["variables"]:
+            raise ConfigError(f"store: {tcfg.store} does not hold the variables/parameters the "
+                              f"model was trained on ({self.spec['variables']}, {self.spec['params']})")
+        w = self.spec["window"]
+        if cfg.length < w:
+            raise ConfigError(f"length: {cfg.length} is shorter than the model window {w}")
+        trajs = np.unique(src.index[:, 0])
+        if cfg.trajectory >= len(trajs):
+            raise ConfigError(f"trajectory: the store has {len(trajs)} test trajectories")
+        if cfg.start + cfg.length > src.frames:
+            raise ConfigError(f"start: frames {cfg.start}..{cfg.start + cfg.length} exceed the "
+                              f"store's {src.frames}")
+        self.store_trajectory = int(trajs[cfg.trajectory])
+        rows = np.nonzero((src.index[:, 0] == self.store_trajectory)
+                          & (src.index[:, 1] >= cfg.start)
+                          & (src.index[:, 1] < cfg.start + cfg.length))[0]
+        state, theta_u = src.read(rows)  # (L, 1, C, *sp), (L, 1, P)
+        self.truth = state[:, 0].to(torch.float64)            # (L, C, *sp) physical
+        mcfg = ModelConfig.model_validate({**self.spec["model_config"], "size": self.spec["grid"]})
+        self.model = mcfg.build()
+        names = list(self.model.param_names)
+        self.pidx = [names.index(p) for p in self.spec["params"]]
+        self.theta_truth = self._natural(theta_u[:, 0].to(torch.float64))  # (L, P)
+        self.frame_shape = tuple(self.truth.shape[1:])        # (C, *sp)
+        self.times = list(range(0, cfg.length, cfg.observation.every))
+        obs = cfg.observation
+        try:
+            self.op = make_operator(obs.kind, self.model.state_shape, nonlinearity=obs.nonlinearity,
+                                    **obs.options)
+        except ValueError as exc:
+            raise ConfigError(f"observation.options: {exc}") from None
+        with torch.no_grad():
+            hx = self.op(self.truth[self.times].reshape(len(self.times), *self.model.state_shape))
+        self.y = torch.stack([add_noise(hx[i], obs.sigma, generator(cfg.seed, "obs", cfg.start + t))
+                              for i, t in enumerate(self.times)])  # (T_obs, m)
+        self.src = src
+        from pipeline.store import store_config
+
+        # a θ that does not move along a trajectory is sampled as one vector per sample
+        # (kernels.score.sda: per-frame copies of a static θ drift apart and diverge)
+        self.static_theta = store_config(Path(tcfg.store)).theta.mode != "walk"
+
+    def _natural(self, u: torch.Tensor) -> torch.Tensor:
+        """Unconstrained θ of the model's estimated parameters ``(..., P)`` → natural units."""
+        cols = [self.model.params[j].from_unconstrained(u[..., k]) for k, j in enumerate(self.pidx)]
+        return torch.stack(cols, -1) if cols else u
+
+    def sample(self, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior samples ``indices``: states ``(S, L, C, *sp)`` and θ ``(S, L, P)``, physical."""
+        cfg, den = self.cfg, self.den
+        dtype = getattr(torch, cfg.dtype)
+        if not len(indices):
+            p = len(self.spec["params"])
+            return (torch.empty(0, cfg.length, *self.frame_shape, dtype=torch.float64),
+                    torch.empty(0, cfg.length, p, dtype=torch.float64))
+        gens = [generator(cfg.seed, "sample", i) for i in indices]
+        s = cfg.sda
+        settings = SDASettings(steps=s.steps, corrector=s.corrector, tau=s.tau, gamma=s.gamma,
+                               ddim_eta=s.ddim_eta)
+        observe = make_window_observe(den.normalizer, self.op, self.times, self.model.state_shape)
+        # (σ_t/μ_t)² is a variance in normalised units; the observations are physical: scale γ
+        # by the squared physical std of the state (mean over channels) so γ keeps its meaning
+        scale = float(den.normalizer.state_std.double().square().mean())
+        static = den.schedule if self.static_theta else None
+        xs, xt = sample_posterior(
+            trajectory_eps(den.eps, self.spec["window"], static_theta=static), den.schedule,
+            (cfg.length, *self.frame_shape), len(self.spec["params"]), gens, settings,
+            observe=observe, y=self.y.reshape(-1).to(dtype), sigma_y=cfg.observation.sigma,
+            gamma_scale=scale, dtype=dtype, device=cfg.device,
+            theta_frames=1 if self.static_theta else None)
+        xt = xt.expand(-1, cfg.length, -1)  # static θ: the same vector at every frame
+        with torch.no_grad():
+            state, theta_u = den.normalizer.decode(xs, xt)
+        return state.double().cpu(), self._natural(theta_u.double().cpu())
+
+
+def evaluate(p: Problem, state: torch.Tensor, theta: torch.Tensor) -> dict[str, Any]:
+    """Metrics of the samples ``state (S, L, C, *sp)``, ``theta (S, L, P)`` against the truth."""
+    cfg = p.cfg
+    s = state.shape[0]
+    flat = state.reshape(s, cfg.length, -1)
+    truth = p.truth.reshape(cfg.length, -1)
+    mean = flat.mean(0)
+    out: dict[str, Any] = {
+        "samples": s,
+        "rmse_mean": float(metrics.rmse(mean.reshape(-1), truth.reshape(-1))),
+        "rmse_per_frame": metrics.rmse(mean, truth).tolist(),
+        "spread": float(metrics.spread(flat.reshape(s, -1))) if s > 1 else float("nan"),
+        "crps": float(metrics.crps_ensemble(flat.reshape(s, -1), truth.reshape(-1)).mean()),
+        "truth_std": float(truth.std()),
+    }
+    # observation residual of each sample, in units of σ_y (SDA's consistency check: ≈ 1)
+    with torch.no_grad():
+        obs_states = state[:, p.times].reshape(-1, *p.model.state_shape)
+        hx = p.op(obs_states).reshape(s, len(p.times), -1)
+    resid = (p.y.unsqueeze(0) - hx).reshape(s, -1)
+    out["residual_std_over_sigma"] = float(resid.std(1).mean() / cfg.observation.sigma)
+    out["observations"] = int(p.y.numel())
+    if theta.shape[-1]:
+        draws = theta.mean(1)  # one θ draw per sample: the window average (θ is static here)
+        truth_th = p.theta_truth.mean(0)
+        summ = metrics.param_summary(draws, truth_th, 0.9)
+        out["theta"] = {name: {k: float(v[j]) if v.dtype != torch.bool else bool(v[j])
+                               for k, v in summ.items()} | {"truth": float(truth_th[j])}
+                        for j, name in enumerate(p.spec["params"])}
+    return out
+
+
+def write_outputs(p: Problem, out: Path, state: torch.Tensor, theta: torch.Tensor,
+                  met: dict[str, Any]) -> None:
+    """The output directory (module docstring), written into ``out`` (already empty)."""
+    import xarray as xr
+
+    cfg = p.cfg
+    names = p.spec["variables"]
+    sp = p.frame_shape[1:]
+    space = [f"x{i}" if len(sp) > 1 else "space" for i in range(len(sp))]
+    if len(sp) == 2:
+        space = ["y", "x"]
+    frames = np.arange(cfg.start, cfg.start + cfg.length)
+    data: dict[str, Any] = {}
+    for c, name in enumerate(names):
+        data[name] = (("sample", "time", *space), state[:, :, c].numpy().astype(np.float32))
+        data[f"truth_{name}"] = (("time", *space), p.truth[:, c].numpy().astype(np.float32))
+    data["theta"] = (("sample", "time", "param"), theta.numpy())
+    data["theta_truth"] = (("time", "param"), p.theta_truth.numpy())
+    data["y"] = (("obs_time", "obs"), p.y.numpy())
+    ds = xr.Dataset(data, coords={"time": frames * p.spec["dt_frames"], "frame": ("time", frames),
+                                  "param": np.array(p.spec["params"], dtype=object),
+                                  "obs_time": np.asarray(p.times) + cfg.start})
+    ds.attrs.update({"config": dump(cfg), "model_run": cfg.model_run,
+                     "store_trajectory": p.store_trajectory, "observation_sigma": cfg.observation.sigma})
+    ds.to_zarr(out / STORE, mode="w", consolidated=False)
+    write_text_atomic(out / METRICS, json.dumps(met, indent=1))
+    write_text_atomic(out / SUMMARY, "\n".join(summary_lines(met)) + "\n")
+    _plots(p, out, state, theta)
+
+
+def summary_lines(met: dict[str, Any]) -> list[str]:
+    lines = [f"SDA smoothing: {met['samples']} samples; posterior-mean RMSE {met['rmse_mean']:.4f} "
+             f"(truth std {met['truth_std']:.3f}), spread {met['spread']:.4f}, CRPS {met['crps']:.4f}",
+             f"observation residual std / σ_y: {met['residual_std_over_sigma']:.3f} "
+             f"({met['observations']} observations)",
+             f"{met['seconds']:.1f} s wall on {met['ranks']} rank(s), "
+             f"{met['seconds_per_sample']:.2f} s per sample"]
+    for name, t in met.get("theta", {}).items():
+        lines.append(f"θ {name}: posterior mean {t['mean']:.4g} ± {t['std']:.2g}, 90% "
+                     f"[{t['lo']:.4g}, {t['hi']:.4g}], truth {t['truth']:.4g}"
+                     f" ({'covered' if t['covered'] else 'NOT covered'})")
+    return lines
+
+
+def _plots(p: Problem, out: Path, state: torch.Tensor, theta: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean, spread = state.mean(0), state.std(0) if state.shape[0] > 1 else torch.zeros_like(state[0])
+    c = p.truth.shape[1]
+    if p.truth.dim() == 3:  # ring (L, C, n): Hovmöller per channel
+        fig, axes = plt.subplots(c, 3, figsize=(11, 2.8 * c), squeeze=False, dpi=100)
+        for ch in range(c):
+            vmax = float(p.truth[:, ch].abs().max())
+            for k, (title, img) in enumerate((("truth", p.truth[:, ch]), ("posterior mean", mean[:, ch]),
+                                              ("posterior std", spread[:, ch]))):
+                ax = axes[ch, k]
+                im = ax.imshow(img.numpy(), aspect="auto", origin="lower",
+                               cmap="RdBu_r" if k < 2 else "viridis",
+                               vmin=-vmax if k < 2 else 0, vmax=vmax if k < 2 else None)
+                ax.set_title(f"{p.spec['variables'][ch]}: {title}", fontsize=9)
+                ax.set_xlabel("site")
+                ax.set_ylabel("frame")
+                fig.colorbar(im, ax=ax)
+    else:  # 2-D fields (L, C, H, W): first, middle and last frame
+        frames = [0, p.cfg.length // 2, p.cfg.length - 1]
+        fig, axes = plt.subplots(3, len(frames), figsize=(3.4 * len(frames), 9.5), squeeze=False, dpi=100)
+        vmax = float(p.truth[:, 0].abs().max())
+        for j, f in enumerate(frames):
+            for k, (title, img) in enumerate((("truth", p.truth[f, 0]), ("posterior mean", mean[f, 0]),
+                                              ("posterior std", spread[f, 0]))):
+                ax = axes[k, j]
+                ax.imshow(img.numpy(), origin="lower", cmap="RdBu_r" if k < 2 else "viridis",
+                          vmin=-vmax if k < 2 else 0, vmax=vmax if k < 2 else None)
+                ax.set_title(f"frame {p.cfg.start + f}: {title}", fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out / "states.png")
+    plt.close(fig)
+    n_p = theta.shape[-1]
+    if n_p:
+        fig, axes = plt.subplots(1, n_p, figsize=(3.6 * n_p, 3), squeeze=False, dpi=100)
+        draws = theta.mean(1)
+        for j, name in enumerate(p.spec["params"]):
+            ax = axes[0, j]
+            ax.hist(draws[:, j].numpy(), bins=max(5, min(30, draws.shape[0] // 2)), color="C0", alpha=0.8)
+            ax.axvline(float(p.theta_truth[:, j].mean()), color="k", lw=2, label="truth")
+            ax.set_title(f"posterior of {name}", fontsize=9)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "theta.png")
+        plt.close(fig)
+
+
+def smooth(cfg: SmoothConfig, out: str | Path, overwrite: bool = False,
+           comm: Any = None) -> dict[str, Any] | None:
+    """Run the smoothing; rank 0 writes ``out`` and returns the metrics (None on other ranks)."""
+    out = Path(out)
+    comm = comm if comm is not None else world()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    torch.set_num_threads(cfg.threads)
+    err = None
+    p = None
+    try:
+        if rank == 0 and out.exists() and not overwrite:
+            raise OutputError(f"{out}: exists (use --overwrite)")
+        p = Problem(cfg)
+    except (ConfigError, OutputError) as exc:
+        err = exc
+    errs = comm.allgather(None if err is None else str(err))
+    first = next((e for e in errs if e is not None), None)
+    if first is not None:
+        raise err if err is not None else OutputError(first)
+    assert p is not None
+    mine = member_slice(cfg.samples, size, rank)
+    t0 = time.perf_counter()
+    with progress(1, "smooth", unit="batch"):
+        state, theta = p.sample(mine)
+    parts = comm.gather((state.numpy(), theta.numpy()), root=0)
+    wall = time.perf_counter() - t0
+    if rank != 0:
+        return None
+    state = torch.from_numpy(np.concatenate([a for a, _ in parts]))
+    theta = torch.from_numpy(np.concatenate([b for _, b in parts]))
+    if not (torch.isfinite(state).all() and torch.isfinite(theta).all()):
+        raise OutputError("smooth: non-finite samples (lower sda.tau or raise sda.steps)")
+    met = evaluate(p, state, theta)
+    met.update(seconds=wall, ranks=size, seconds_per_sample=wall * size / cfg.samples)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_text_atomic(tmp / CONFIG, dump(cfg))
+    write_outputs(p, tmp, state, theta, met)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return met
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("smooth", help="SDA: posterior samples of a trajectory window and θ",
+                       description="Sample states and parameters of a held-out trajectory window "
+                                   "given noisy observations, with a model from `scoreda train`; "
+                                   "under mpiexec each rank draws its own samples.")
+    p.add_argument("config", help="smooth config: file or shipped example name")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--model-run", help="override model_run (a `scoreda train` run directory)")
+    p.add_argument("--samples", type=int, help="override the number of samples")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    tune_allocator()
+    path = resolve_config_path(args.config)
+    data = load_yaml(path)
+    if args.model_run is not None:
+        data["model_run"] = args.model_run
+    if args.samples is not None:
+        data["samples"] = args.samples
+    cfg = validate(data, SmoothConfig, str(path))
+    assert isinstance(cfg, SmoothConfig)
+    met = smooth(cfg, args.out, args.overwrite)
+    if met is not None:
+        for line in summary_lines(met):
+            print(line)
+        print(f"wrote {args.out}")
+    return 0 if met is None or math.isfinite(met["rmse_mean"]) else 1

@@ -1,0 +1,137 @@
+"""``scoreda smooth``: SDA posterior samples of a held-out window and θ from a trained model;
+outputs, rank-count independence, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from pipeline import smooth as sm
+from pipeline import train as tr
+from pipeline.cli import main
+from pipeline.config import SmoothConfig, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "SCOREDA_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory) -> Path:
+    """A small Lorenz-96 store (F per trajectory) and a briefly trained window model."""
+    import torch
+    from distributed import Client, LocalCluster
+
+    from pipeline.config import GenerateConfig, TrainConfig
+    from pipeline.generate import generate
+
+    d = tmp_path_factory.mktemp("smooth")
+    gen = validate({
+        "stage": "generate", "model": {"name": "lorenz96", "size": 20, "dt": 0.05},
+        "trajectories": 16, "frames": 32, "save_every": 2, "spinup": 200, "seed": 0,
+        "theta": {"mode": "prior"}, "dtype": "float32",
+        "store": {"trajectories_per_shard": 8, "shard_frames": 32, "chunk_frames": 16},
+        "split": {"valid": 0.125, "test": 0.125}, "dask": {"workers": 1},
+    }, GenerateConfig)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        generate(gen, d / "l96.zarr", client=client, echo=lambda s: None)
+    cfg = validate({"stage": "train", "store": str(d / "l96.zarr"), "window": 3,
+                    "network": {"kind": "ring", "options": {"width": 16, "depth": 2}},
+                    "batch_size": 32, "steps": 150, "log_every": 50, "validate_every": 150,
+                    "checkpoint_every": 150, "optim": {"lr": 3e-3, "warmup": 10}}, TrainConfig)
+    threads = torch.get_num_threads()
+    try:
+        assert tr.start(cfg, d / "run") == tr.EXIT_DONE
+    finally:
+        torch.set_num_threads(threads)
+    return d / "run"
+
+
+def make_cfg(run: Path, **over) -> SmoothConfig:
+    data = {"stage": "smooth", "model_run": str(run), "trajectory": 0, "start": 2, "length": 12,
+            "observation": {"kind": "every_kth", "options": {"k": 2}, "sigma": 0.5},
+            "samples": 6, "sda": {"steps": 24}, "seed": 1}
+    data.update(over)
+    cfg = validate(data, SmoothConfig)
+    assert isinstance(cfg, SmoothConfig)
+    return cfg
+
+
+def test_smooth_writes_samples_metrics_and_plots(tmp_path, model_run):
+    cfg = make_cfg(model_run)
+    met = sm.smooth(cfg, tmp_path / "out")
+    assert met is not None and np.isfinite(met["rmse_mean"])
+    for name in (sm.CONFIG, sm.STORE, sm.METRICS, sm.SUMMARY, "states.png", "theta.png"):
+        assert (tmp_path / "out" / name).exists(), name
+    ds = xr.open_zarr(tmp_path / "out" / sm.STORE, consolidated=False)
+    assert ds["x"].shape == (6, 12, 20) and ds["theta"].shape == (6, 12, 1)
+    assert ds["y"].shape == (12, 10)
+    # a static θ (the store's mode is prior): one vector per sample, repeated over frames
+    th = ds["theta"].values
+    assert np.array_equal(th, np.repeat(th[:, :1], 12, axis=1))
+    f = json.loads((tmp_path / "out" / sm.METRICS).read_text())
+    assert set(f["theta"]["F"]) >= {"mean", "lo", "hi", "truth", "covered"}
+    # the truth is the store's test trajectory, frames 2..13
+    store = xr.open_zarr(tr.load_train_config(model_run / tr.CONFIG).store, consolidated=False)
+    j = int(np.nonzero(store["split"].values == 2)[0][0])
+    assert np.array_equal(ds["truth_x"].values, store["x"].values[j, 2:14])
+    # observations away from the truth by the noise only (σ = 0.5, every 2nd site)
+    resid = ds["y"].values - store["x"].values[j, 2:14, ::2]
+    assert 0.3 < resid.std() < 0.7
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not (BIN / "mpiexec").exists(), reason="no mpiexec in the venv")
+def test_samples_do_not_depend_on_the_rank_count(tmp_path, model_run):
+    cfg = make_cfg(model_run, samples=4, sda={"steps": 12})
+    sm.smooth(cfg, tmp_path / "one")
+    conf = tmp_path / "s.yaml"
+    conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    r = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "pipeline.cli",
+                        "smooth", str(conf), "--out", str(tmp_path / "two")], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = xr.open_zarr(tmp_path / "one" / sm.STORE, consolidated=False)
+    b = xr.open_zarr(tmp_path / "two" / sm.STORE, consolidated=False)
+    np.testing.assert_allclose(a["x"].values, b["x"].values, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a["theta"].values, b["theta"].values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"length": 2}, "length"),
+    ({"trajectory": 99}, "trajectory"),
+    ({"start": 30}, "start"),
+    ({"observation": {"kind": "every_kth", "options": {"q": 1}}}, "observation"),
+    ({"model_run": "/nonexistent/run"}, "model.pt"),
+    ({"sda": {"tau": 0}}, "tau"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, model_run, capsys, change, needle):
+    data = make_cfg(model_run).model_dump(mode="json")
+    data.update(change)
+    conf = tmp_path / "bad.yaml"
+    conf.write_text(yaml.safe_dump(data))
+    assert main(["smooth", str(conf), "--out", str(tmp_path / "out")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln]
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_kept(tmp_path, model_run, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    conf = tmp_path / "s.yaml"
+    conf.write_text(yaml.safe_dump(make_cfg(model_run).model_dump(mode="json")))
+    assert main(["smooth", str(conf), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "x"
