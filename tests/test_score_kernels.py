@@ -320,3 +320,39 @@ def test_training_beats_trivial_denoiser():
     err_theta = denoising_error(den, held_state, held_theta, 0.5, generator=torch.Generator().manual_seed(2),
                                 theta_weight=1e9)
     assert err_theta.learned < 0.7 * err_theta.trivial, err_theta
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_trains_under_bf16_autocast(device):
+    """The U-Net on CUDA (TF32 off) gives the CPU's ε to float32 rounding, and bf16-autocast
+    training steps (the `train` stage's `autocast: bf16`) stay finite and lower the loss."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    net = build_network("unet", window=3, channels=1, spatial=(32, 32), n_params=2,
+                        width=16, mults=(1, 2))
+    with torch.no_grad():  # a non-zero output layer, so the comparison means something
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    xs, xt, t = torch.randn(4, 3, 1, 32, 32), torch.randn(4, 3, 2), torch.rand(4)
+    es, et = net(xs, xt, t)
+    gnet = net.to(device)
+    ges, get = gnet(xs.to(device), xt.to(device), t.to(device))
+    torch.testing.assert_close(ges.cpu(), es, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(get.cpu(), et, rtol=1e-4, atol=1e-4)
+
+    den = WindowDenoiser(gnet, Normalizer(1, 2, 2).to(device), VPSchedule())
+    opt = torch.optim.AdamW(den.parameters(), lr=2e-3)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.sin(torch.linspace(0, 6.28, 32, device=device)).reshape(1, 1, 1, 1, 32).expand(16, 3, 1, 32, 32)
+    th = torch.zeros(16, 3, 2, device=device)
+    losses = []
+    for _ in range(60):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = dsm_loss(den, x, th, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10])
