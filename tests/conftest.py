@@ -43,3 +43,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def make_l96_store():
+    """``make(path, size, trajectories, frames)``: a small Lorenz-96 store with F drawn per
+    trajectory (the parameter a window network must learn), written by one in-process Dask
+    worker (a few seconds)."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.config import GenerateConfig, validate
+    from pipeline.generate import generate
+
+    def make(path, size: int, trajectories: int, frames: int):
+        cfg = validate({
+            "stage": "generate", "model": {"name": "lorenz96", "size": size, "dt": 0.05},
+            "trajectories": trajectories, "frames": frames, "save_every": 2, "spinup": 200,
+            "seed": 0, "theta": {"mode": "prior"}, "dtype": "float32",
+            "store": {"trajectories_per_shard": 8, "shard_frames": frames, "chunk_frames": 16},
+            "split": {"valid": 0.125, "test": 0.125}, "dask": {"workers": 1},
+        }, GenerateConfig)
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            generate(cfg, path, client=client, echo=lambda s: None)
+        return path
+
+    return make

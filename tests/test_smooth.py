@@ -26,25 +26,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model_run(tmp_path_factory) -> Path:
+def model_run(tmp_path_factory, make_l96_store) -> Path:
     """A small Lorenz-96 store (F per trajectory) and a briefly trained window model."""
     import torch
-    from distributed import Client, LocalCluster
 
-    from pipeline.config import GenerateConfig, TrainConfig
-    from pipeline.generate import generate
+    from pipeline.config import TrainConfig
 
     d = tmp_path_factory.mktemp("smooth")
-    gen = validate({
-        "stage": "generate", "model": {"name": "lorenz96", "size": 20, "dt": 0.05},
-        "trajectories": 16, "frames": 32, "save_every": 2, "spinup": 200, "seed": 0,
-        "theta": {"mode": "prior"}, "dtype": "float32",
-        "store": {"trajectories_per_shard": 8, "shard_frames": 32, "chunk_frames": 16},
-        "split": {"valid": 0.125, "test": 0.125}, "dask": {"workers": 1},
-    }, GenerateConfig)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
-        generate(gen, d / "l96.zarr", client=client, echo=lambda s: None)
+    make_l96_store(d / "l96.zarr", 20, 16, 32)
     cfg = validate({"stage": "train", "store": str(d / "l96.zarr"), "window": 3,
                     "network": {"kind": "ring", "options": {"width": 16, "depth": 2}},
                     "batch_size": 32, "steps": 150, "log_every": 50, "validate_every": 150,

@@ -18,7 +18,7 @@ import yaml
 
 from pipeline import train as tr
 from pipeline.cli import main
-from pipeline.config import GenerateConfig, TrainConfig, validate
+from pipeline.config import TrainConfig, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -28,25 +28,9 @@ needs_mpi = pytest.mark.skipif(not (BIN / "mpiexec").exists(), reason="no mpiexe
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(tmp_path_factory, make_l96_store) -> Path:
     """A small Lorenz-96 store, F drawn per trajectory (the parameter the network must learn)."""
-    from distributed import Client, LocalCluster
-
-    from pipeline.generate import generate
-
-    out = tmp_path_factory.mktemp("train") / "l96.zarr"
-    cfg = validate({
-        "stage": "generate", "model": {"name": "lorenz96", "size": 40, "dt": 0.05},
-        "trajectories": 32, "frames": 64, "save_every": 2, "spinup": 200, "seed": 0,
-        "theta": {"mode": "prior"}, "dtype": "float32",
-        "store": {"trajectories_per_shard": 8, "shard_frames": 64, "chunk_frames": 16},
-        "split": {"valid": 0.125, "test": 0.125}, "dask": {"workers": 1},
-    }, GenerateConfig)
-    assert isinstance(cfg, GenerateConfig)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
-        generate(cfg, out, client=client, echo=lambda s: None)
-    return out
+    return make_l96_store(tmp_path_factory.mktemp("train") / "l96.zarr", 40, 32, 64)
 
 
 def make_cfg(store: Path, **over) -> TrainConfig:
