@@ -399,11 +399,17 @@ class Trainer:
             step = int(ckpt["step"])
         model: torch.nn.Module = den
         if self.size > 1:
+            import inspect
+
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # the normaliser's buffers never change: no per-step broadcast of them
+            # the normaliser's buffers never change: no per-step sync of them (the keyword was
+            # renamed in newer torch; pyproject allows torch >= 2.4)
+            no_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else {"broadcast_buffers": False})
             model = DDP(den, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                        broadcast_buffers=False, gradient_as_bucket_view=True)
+                        gradient_as_bucket_view=True, **no_sync)
         return _State(step, model, den, ema, opt, sched)
 
     def restore(self, step: int) -> _State:
