@@ -622,6 +622,7 @@ class SmoothConfig(Strict):
     observation: ObservationConfig = Field(default_factory=ObservationConfig)
     samples: PosInt = 32                             # posterior samples (split over MPI ranks)
     sda: SDAConfig = Field(default_factory=SDAConfig)
+    ensf_members: NonNegInt = 0                      # > 0: also filter the same data with EnSF
     seed: NonNegInt = 0                              # streams (seed, "obs", frame), (seed, "sample", i)
     dtype: Literal["float32", "float64"] = "float32"
     device: Device = "cpu"

@@ -73,6 +73,7 @@ class Problem:
         tcfg = validate(tdata, TrainConfig, str(run / TRAIN_CONFIG))
         assert isinstance(tcfg, TrainConfig)
         src = WindowSource(tcfg, "test")
+        self.tcfg = tcfg
         if src.param_names != self.spec["params"] or src.names != self.spec["variables"]:
             raise ConfigError(f"store: {tcfg.store} does not hold the variables/parameters the "
                               f"model was trained on ({self.spec['variables']}, {self.spec['params']})")
@@ -113,7 +114,8 @@ class Problem:
 
         # a θ that does not move along a trajectory is sampled as one vector per sample
         # (kernels.score.sda: per-frame copies of a static θ drift apart and diverge)
-        self.static_theta = store_config(Path(tcfg.store)).theta.mode != "walk"
+        self.gcfg = store_config(Path(tcfg.store))
+        self.static_theta = self.gcfg.theta.mode != "walk"
 
     def _natural(self, u: torch.Tensor) -> torch.Tensor:
         """Unconstrained θ of the model's estimated parameters ``(..., P)`` → natural units."""
@@ -147,6 +149,63 @@ class Problem:
         with torch.no_grad():
             state, theta_u = den.normalizer.decode(xs, xt)
         return state.double().cpu(), self._natural(theta_u.double().cpu())
+
+
+def ensf_baseline(p: Problem, members: int) -> dict[str, Any]:
+    """The same truth and observations filtered by EnSF with θ particles, for comparison.
+
+    Prior: ``members`` training trajectories at frame ``start`` with their own θ (draws from the
+    store's prior), i.e. a climatological ensemble of states and parameters. Between frames each
+    member runs the true model (``save_every`` steps of ``dt``) with its θ; at observed frames
+    the recommended EnSF analysis (gaussian prior, denoised likelihood, ensemble regression for
+    θ and unobserved components, kernels/ensf.py) updates ``[state, u(θ)]``; θ is roughened by
+    0.01 per frame (unconstrained) so its spread does not collapse. Returns the analysis RMSE of
+    the state per frame and its mean, and the θ particles' summary at the last frame.
+    """
+    from kernels.assimilation import Analysis, FilterSpec, roughen
+    from kernels.ensf import EnSFSettings
+    from pipeline.train import WindowSource
+
+    cfg, model = p.cfg, p.model
+    src = WindowSource(p.tcfg, "train")
+    rows = np.nonzero(src.index[:, 1] == cfg.start)[0][:members]
+    if len(rows) < 2:
+        raise ConfigError(f"ensf_members: the store has {len(rows)} training trajectories")
+    state, _ = src.read(rows)
+    n = len(rows)
+    x = state[:, 0].to(torch.float64).reshape(n, *model.state_shape)
+    theta = src.theta_natural[torch.from_numpy(src.index[rows, 0]), cfg.start].clone()  # (N, P_all)
+    spec = FilterSpec(method="ensf", ensf=EnSFSettings(estimator="gaussian", likelihood="denoised",
+                                                      score_clip=50.0, init="prior", steps=100),
+                    ridge=1.0)  # the campaign default: a small ridge collapses the θ spread
+    analysis = Analysis(p.op, cfg.observation.sigma, len(p.pidx), spec)
+    d = math.prod(model.state_shape)
+    truth = p.truth.reshape(cfg.length, -1)
+    rmse = []
+    for k in range(cfg.length):
+        if k:
+            x = model.advance(x, theta, p.gcfg.save_every, p.gcfg.model.dt)
+            if not torch.isfinite(x).all():
+                raise OutputError(f"ensf baseline: the forecast diverged before frame {cfg.start + k}")
+        if k in p.times:
+            u = model.to_unconstrained(theta)[:, p.pidx]
+            gens = [generator(cfg.seed, "ensf", cfg.start + k, i) for i in range(n)]
+            za = analysis(torch.cat([x.reshape(n, -1), u], 1), p.y[p.times.index(k)], gens)
+            x = za[:, :d].reshape(n, *model.state_shape)
+            u = roughen(za[:, d:], 0.01, [generator(cfg.seed, "ensf-roughen", cfg.start + k, i)
+                                          for i in range(n)])
+            for j, col in enumerate(p.pidx):
+                theta[:, col] = model.params[col].from_unconstrained(u[:, j])
+        if not torch.isfinite(x).all():
+            raise OutputError(f"ensf baseline diverged at frame {cfg.start + k}")
+        rmse.append(float(metrics.rmse(x.reshape(n, -1).mean(0), truth[k])))
+    out: dict[str, Any] = {"members": n, "rmse_mean": float(np.mean(rmse)), "rmse_per_frame": rmse}
+    if p.pidx:
+        summ = metrics.param_summary(theta[:, p.pidx], p.theta_truth[-1], 0.9)
+        out["theta"] = {name: {k: float(v[j]) if v.dtype != torch.bool else bool(v[j])
+                               for k, v in summ.items()} | {"truth": float(p.theta_truth[-1, j])}
+                        for j, name in enumerate(p.spec["params"])}
+    return out
 
 
 def evaluate(p: Problem, state: torch.Tensor, theta: torch.Tensor) -> dict[str, Any]:
@@ -222,6 +281,14 @@ def summary_lines(met: dict[str, Any]) -> list[str]:
         lines.append(f"θ {name}: posterior mean {t['mean']:.4g} ± {t['std']:.2g}, 90% "
                      f"[{t['lo']:.4g}, {t['hi']:.4g}], truth {t['truth']:.4g}"
                      f" ({'covered' if t['covered'] else 'NOT covered'})")
+    if "ensf" in met:
+        e = met["ensf"]
+        lines.append(f"EnSF on the same data ({e['members']} members, filter): analysis RMSE "
+                     f"{e['rmse_mean']:.4f} (SDA smoother: {met['rmse_mean']:.4f})")
+        for name, t in e.get("theta", {}).items():
+            lines.append(f"  EnSF θ {name} at the last frame: {t['mean']:.4g} ± {t['std']:.2g}, "
+                         f"90% [{t['lo']:.4g}, {t['hi']:.4g}] "
+                         f"({'covered' if t['covered'] else 'NOT covered'})")
     return lines
 
 
@@ -312,6 +379,8 @@ def smooth(cfg: SmoothConfig, out: str | Path, overwrite: bool = False,
         raise OutputError("smooth: non-finite samples (lower sda.tau or raise sda.steps)")
     met = evaluate(p, state, theta)
     met.update(seconds=wall, ranks=size, seconds_per_sample=wall * size / cfg.samples)
+    if cfg.ensf_members:
+        met["ensf"] = ensf_baseline(p, cfg.ensf_members)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

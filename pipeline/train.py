@@ -104,7 +104,8 @@ class WindowSource:
         self.dt_frames = gcfg.model.dt * gcfg.save_every
         self.window = cfg.window
         theta = torch.from_numpy(np.asarray(zarr.open_array(store / "theta", mode="r")[:]))
-        u = model.to_unconstrained(theta.to(torch.float64))  # (T, F, P_all)
+        self.theta_natural = theta.to(torch.float64)  # (T, F, P_all), every parameter
+        u = model.to_unconstrained(self.theta_natural)  # (T, F, P_all)
         names = list(model.param_names)
         if cfg.params is None:
             varies = u.reshape(-1, len(names)).std(0) > 0

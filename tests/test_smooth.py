@@ -57,9 +57,13 @@ def make_cfg(run: Path, **over) -> SmoothConfig:
 
 
 def test_smooth_writes_samples_metrics_and_plots(tmp_path, model_run):
-    cfg = make_cfg(model_run)
+    cfg = make_cfg(model_run, ensf_members=8)
     met = sm.smooth(cfg, tmp_path / "out")
     assert met is not None and np.isfinite(met["rmse_mean"])
+    # the EnSF baseline filtered the same observations: one RMSE per frame, θ particles summarised
+    e = met["ensf"]
+    assert e["members"] == 8 and len(e["rmse_per_frame"]) == 12
+    assert np.isfinite(e["rmse_mean"]) and set(e["theta"]["F"]) >= {"mean", "lo", "hi", "covered"}
     for name in (sm.CONFIG, sm.STORE, sm.METRICS, sm.SUMMARY, "states.png", "theta.png"):
         assert (tmp_path / "out" / name).exists(), name
     ds = xr.open_zarr(tmp_path / "out" / sm.STORE, consolidated=False)
