@@ -215,7 +215,7 @@ def format_table(entries: list[Entry]) -> str:
 
 #: modules that register further suites with ``@suite`` when imported
 SUITE_MODULES: list[str] = ["pipeline.bench_generate", "pipeline.bench_filters",
-                             "pipeline.bench_campaign", "pipeline.bench_train"]
+                             "pipeline.bench_campaign", "pipeline.bench_train", "pipeline.bench_sda"]
 
 
 def _load_suites() -> None:

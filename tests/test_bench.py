@@ -33,3 +33,13 @@ def test_filters_suite_quick():
     names = [e["name"] for e in result["entries"]]
     assert any("ensf paired" in n for n in names) and any(n.startswith("letkf") for n in names)
     assert all(e["ratio"] > 0 for e in result["entries"])
+
+
+def test_sda_suite_quick():
+    """The sampler is bound by its network evaluations: wall ≈ steps·(1 + C) guided ε calls."""
+    result = run_bench(["sda"], quick=True, repeats=1)
+    entries = result["entries"]
+    assert [e["suite"] for e in entries] == ["sda", "sda"]
+    for e in entries:
+        assert e["extra"]["seconds_per_sample"] > 0
+        assert 0.5 < e["ratio"] < 3.0, e  # measured 0.98-1.01 on a quiet machine
