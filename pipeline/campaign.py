@@ -62,7 +62,15 @@ from kernels.ensemble import member_mean
 from kernels.observe import check_observations
 from kernels.streams import generator
 from pipeline.assimilate import Twin, filter_spec, state_fields, summary_lines
-from pipeline.config import CampaignConfig, ConfigError, dump, load_yaml, resolve_config_path, validate
+from pipeline.config import (
+    CampaignConfig,
+    ConfigError,
+    ObservationFileConfig,
+    dump,
+    load_yaml,
+    resolve_config_path,
+    validate,
+)
 from pipeline.runtime import (
     MPILayout,
     StopSignals,
@@ -160,11 +168,19 @@ def load_observations(cfg: CampaignConfig, m: int) -> ObservationFile | None:
 
     Every failure is one ``ConfigError``/``OutputError`` line naming the file and the problem.
     """
+    if cfg.observations is None:
+        return None
+    return read_observations(cfg.observations, "cycle", cfg.cycles, m, cfg.observation.kind,
+                             cfg.observation.sigma)
+
+
+def read_observations(spec: ObservationFileConfig, row_dim: str, rows: int, m: int, kind: str,
+                      default_sigma: float) -> ObservationFile:
+    """Observations ``spec.variable`` with dims ``(row_dim, "obs")`` from a netCDF/Zarr file:
+    the first ``rows`` rows of ``m`` observations each (``kind``: the operator, for messages),
+    with the noise std from the file or ``default_sigma``; validated, one-line errors."""
     import xarray as xr
 
-    spec = cfg.observations
-    if spec is None:
-        return None
     path = Path(spec.path)
     if not path.exists():
         raise ConfigError(f"{path}: observation file does not exist (observations.path)")
@@ -186,18 +202,18 @@ def load_observations(cfg: CampaignConfig, m: int) -> ObservationFile | None:
             raise ConfigError(f"{path}: no variable {var!r} (observations.variable; "
                               f"variables: {known})")
         da = ds[var]
-        if da.dims != ("cycle", "obs"):
-            raise ConfigError(f"{path}: {var} has dims {da.dims}; expected ('cycle', 'obs')")
+        if da.dims != (row_dim, "obs"):
+            raise ConfigError(f"{path}: {var} has dims {da.dims}; expected ('{row_dim}', 'obs')")
         nc, no = da.shape
-        if nc < cfg.cycles:
-            raise ConfigError(f"{path}: {var} has {nc} cycles; the config needs {cfg.cycles}")
+        if nc < rows:
+            raise ConfigError(f"{path}: {var} has {nc} {row_dim}s; the config needs {rows}")
         if no != m:
-            raise ConfigError(f"{path}: {var} has {no} observations per cycle; the observation "
-                              f"operator ({cfg.observation.kind}) gives {m}")
+            raise ConfigError(f"{path}: {var} has {no} observations per {row_dim}; the observation "
+                              f"operator ({kind}) gives {m}")
         if da.dtype.kind != "f":
             raise ConfigError(f"{path}: {var} has dtype {da.dtype}; expected floating point")
         try:
-            y = np.asarray(da.isel(cycle=slice(0, cfg.cycles)).values, dtype=np.float64)
+            y = np.asarray(da.isel({row_dim: slice(0, rows)}).values, dtype=np.float64)
         except Exception as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise OutputError(f"{path}: cannot read {var} ({msg})") from None
@@ -205,7 +221,7 @@ def load_observations(cfg: CampaignConfig, m: int) -> ObservationFile | None:
         if bad.any():
             c = int(np.argwhere(bad.any(axis=1))[0, 0])
             raise ConfigError(f"{path}: {var} has {int(bad.sum())} NaN/inf value(s) in the "
-                              f"{cfg.cycles} cycles used (first in cycle {c})")
+                              f"{rows} {row_dim}s used (first in {row_dim} {c})")
         sigma: float | np.ndarray | None = None
         sname = spec.sigma
         if sname in ds.data_vars:
@@ -221,7 +237,7 @@ def load_observations(cfg: CampaignConfig, m: int) -> ObservationFile | None:
                 sigma = float(np.asarray(raw, dtype=np.float64).reshape(()))
             except (TypeError, ValueError):
                 raise ConfigError(f"{path}: attribute {sname} = {raw!r} is not a number") from None
-    sig: float | torch.Tensor = (cfg.observation.sigma if sigma is None else sigma
+    sig: float | torch.Tensor = (default_sigma if sigma is None else sigma
                                  if isinstance(sigma, float) else torch.from_numpy(sigma))
     try:
         check_observations(torch.from_numpy(y), m, sig)

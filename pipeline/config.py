@@ -623,6 +623,7 @@ class SmoothConfig(Strict):
     samples: PosInt = 32                             # posterior samples (split over MPI ranks)
     sda: SDAConfig = Field(default_factory=SDAConfig)
     ensf_members: NonNegInt = 0                      # > 0: also filter the same data with EnSF
+    observations: ObservationFileConfig | None = None  # y(obs_time, obs) from a file: no truth
     seed: NonNegInt = 0                              # streams (seed, "obs", frame), (seed, "sample", i)
     dtype: Literal["float32", "float64"] = "float32"
     device: Device = "cpu"

@@ -105,10 +105,21 @@ class Problem:
                                     **obs.options)
         except ValueError as exc:
             raise ConfigError(f"observation.options: {exc}") from None
-        with torch.no_grad():
-            hx = self.op(self.truth[self.times].reshape(len(self.times), *self.model.state_shape))
-        self.y = torch.stack([add_noise(hx[i], obs.sigma, generator(cfg.seed, "obs", cfg.start + t))
-                              for i, t in enumerate(self.times)])  # (T_obs, m)
+        self.sigma: float | torch.Tensor = obs.sigma
+        self.has_truth = cfg.observations is None
+        if self.has_truth:
+            with torch.no_grad():
+                hx = self.op(self.truth[self.times].reshape(len(self.times), *self.model.state_shape))
+            self.y = torch.stack([add_noise(hx[i], obs.sigma, generator(cfg.seed, "obs", cfg.start + t))
+                                  for i, t in enumerate(self.times)])  # (T_obs, m)
+        else:
+            from pipeline.campaign import read_observations
+
+            f = read_observations(cfg.observations, "obs_time", len(self.times), self.op.m,
+                                  obs.kind, obs.sigma)
+            self.y = torch.from_numpy(f.y)
+            if f.sigma is not None:
+                self.sigma = f.sigma if isinstance(f.sigma, float) else torch.from_numpy(f.sigma)
         self.src = src
         from pipeline.store import store_config
 
@@ -116,6 +127,12 @@ class Problem:
         # (kernels.score.sda: per-frame copies of a static θ drift apart and diverge)
         self.gcfg = store_config(Path(tcfg.store))
         self.static_theta = self.gcfg.theta.mode != "walk"
+
+    def _sigma_flat(self, dtype: torch.dtype) -> float | torch.Tensor:
+        """σ for the flattened ``(T_obs · m)`` observations of the window."""
+        if isinstance(self.sigma, float):
+            return self.sigma
+        return self.sigma.to(dtype).repeat(len(self.times))
 
     def _natural(self, u: torch.Tensor) -> torch.Tensor:
         """Unconstrained θ of the model's estimated parameters ``(..., P)`` → natural units."""
@@ -142,7 +159,7 @@ class Problem:
         xs, xt = sample_posterior(
             trajectory_eps(den.eps, self.spec["window"], static_theta=static), den.schedule,
             (cfg.length, *self.frame_shape), len(self.spec["params"]), gens, settings,
-            observe=observe, y=self.y.reshape(-1).to(dtype), sigma_y=cfg.observation.sigma,
+            observe=observe, y=self.y.reshape(-1).to(dtype), sigma_y=self._sigma_flat(dtype),
             gamma_scale=scale, dtype=dtype, device=cfg.device,
             theta_frames=1 if self.static_theta else None)
         xt = xt.expand(-1, cfg.length, -1)  # static θ: the same vector at every frame
@@ -215,27 +232,32 @@ def evaluate(p: Problem, state: torch.Tensor, theta: torch.Tensor) -> dict[str, 
     flat = state.reshape(s, cfg.length, -1)
     truth = p.truth.reshape(cfg.length, -1)
     mean = flat.mean(0)
+    nan = float("nan")
+    t = p.has_truth
     out: dict[str, Any] = {
         "samples": s,
-        "rmse_mean": float(metrics.rmse(mean.reshape(-1), truth.reshape(-1))),
-        "rmse_per_frame": metrics.rmse(mean, truth).tolist(),
-        "spread": float(metrics.spread(flat.reshape(s, -1))) if s > 1 else float("nan"),
-        "crps": float(metrics.crps_ensemble(flat.reshape(s, -1), truth.reshape(-1)).mean()),
-        "truth_std": float(truth.std()),
+        "truth": t,
+        "rmse_mean": float(metrics.rmse(mean.reshape(-1), truth.reshape(-1))) if t else nan,
+        "rmse_per_frame": metrics.rmse(mean, truth).tolist() if t else [],
+        "spread": float(metrics.spread(flat.reshape(s, -1))) if s > 1 else nan,
+        "crps": float(metrics.crps_ensemble(flat.reshape(s, -1), truth.reshape(-1)).mean()) if t else nan,
+        "truth_std": float(truth.std()) if t else nan,
     }
     # observation residual of each sample, in units of σ_y (SDA's consistency check: ≈ 1)
     with torch.no_grad():
         obs_states = state[:, p.times].reshape(-1, *p.model.state_shape)
         hx = p.op(obs_states).reshape(s, len(p.times), -1)
-    resid = (p.y.unsqueeze(0) - hx).reshape(s, -1)
-    out["residual_std_over_sigma"] = float(resid.std(1).mean() / cfg.observation.sigma)
+    resid = (p.y.unsqueeze(0) - hx) / torch.as_tensor(p.sigma, dtype=hx.dtype)
+    out["residual_std_over_sigma"] = float(resid.reshape(s, -1).std(1).mean())
     out["observations"] = int(p.y.numel())
     if theta.shape[-1]:
         draws = theta.mean(1)  # one θ draw per sample: the window average (θ is static here)
         truth_th = p.theta_truth.mean(0)
         summ = metrics.param_summary(draws, truth_th, 0.9)
+        if not t:  # no truth: only the posterior itself
+            summ = {k: v for k, v in summ.items() if k in ("mean", "std", "lo", "hi")}
         out["theta"] = {name: {k: float(v[j]) if v.dtype != torch.bool else bool(v[j])
-                               for k, v in summ.items()} | {"truth": float(truth_th[j])}
+                               for k, v in summ.items()} | ({"truth": float(truth_th[j])} if t else {})
                         for j, name in enumerate(p.spec["params"])}
     return out
 
@@ -255,10 +277,16 @@ def write_outputs(p: Problem, out: Path, state: torch.Tensor, theta: torch.Tenso
     data: dict[str, Any] = {}
     for c, name in enumerate(names):
         data[name] = (("sample", "time", *space), state[:, :, c].numpy().astype(np.float32))
-        data[f"truth_{name}"] = (("time", *space), p.truth[:, c].numpy().astype(np.float32))
+        if p.has_truth:
+            data[f"truth_{name}"] = (("time", *space), p.truth[:, c].numpy().astype(np.float32))
     data["theta"] = (("sample", "time", "param"), theta.numpy())
-    data["theta_truth"] = (("time", "param"), p.theta_truth.numpy())
-    data["y"] = (("obs_time", "obs"), p.y.numpy())
+    if p.has_truth:
+        data["theta_truth"] = (("time", "param"), p.theta_truth.numpy())
+    sig = p.sigma if isinstance(p.sigma, float) else p.sigma.numpy()
+    data["y"] = (("obs_time", "obs"), p.y.numpy(),
+                 {"sigma": sig} if isinstance(sig, float) else {})
+    if not isinstance(sig, float):
+        data["sigma"] = (("obs",), sig)
     ds = xr.Dataset(data, coords={"time": frames * p.spec["dt_frames"], "frame": ("time", frames),
                                   "param": np.array(p.spec["params"], dtype=object),
                                   "obs_time": np.asarray(p.times) + cfg.start})
@@ -278,9 +306,10 @@ def summary_lines(met: dict[str, Any]) -> list[str]:
              f"{met['seconds']:.1f} s wall on {met['ranks']} rank(s), "
              f"{met['seconds_per_sample']:.2f} s per sample"]
     for name, t in met.get("theta", {}).items():
+        truth = (f", truth {t['truth']:.4g} ({'covered' if t['covered'] else 'NOT covered'})"
+                 if "truth" in t else " (observations from a file: no truth)")
         lines.append(f"θ {name}: posterior mean {t['mean']:.4g} ± {t['std']:.2g}, 90% "
-                     f"[{t['lo']:.4g}, {t['hi']:.4g}], truth {t['truth']:.4g}"
-                     f" ({'covered' if t['covered'] else 'NOT covered'})")
+                     f"[{t['lo']:.4g}, {t['hi']:.4g}]{truth}")
     if "ensf" in met:
         e = met["ensf"]
         lines.append(f"EnSF on the same data ({e['members']} members, filter): analysis RMSE "
@@ -300,13 +329,18 @@ def _plots(p: Problem, out: Path, state: torch.Tensor, theta: torch.Tensor) -> N
 
     mean, spread = state.mean(0), state.std(0) if state.shape[0] > 1 else torch.zeros_like(state[0])
     c = p.truth.shape[1]
+    # without a truth (observations from a file) the truth panels are left out
+    first = 0 if p.has_truth else 1
     if p.truth.dim() == 3:  # ring (L, C, n): Hovmöller per channel
-        fig, axes = plt.subplots(c, 3, figsize=(11, 2.8 * c), squeeze=False, dpi=100)
+        fig, axes = plt.subplots(c, 3 - first, figsize=(11, 2.8 * c), squeeze=False, dpi=100)
         for ch in range(c):
-            vmax = float(p.truth[:, ch].abs().max())
-            for k, (title, img) in enumerate((("truth", p.truth[:, ch]), ("posterior mean", mean[:, ch]),
-                                              ("posterior std", spread[:, ch]))):
-                ax = axes[ch, k]
+            vmax = float(mean[:, ch].abs().max() if first else p.truth[:, ch].abs().max())
+            panels = (("truth", p.truth[:, ch]), ("posterior mean", mean[:, ch]),
+                      ("posterior std", spread[:, ch]))
+            for k, (title, img) in enumerate(panels):
+                if k < first:
+                    continue
+                ax = axes[ch, k - first]
                 im = ax.imshow(img.numpy(), aspect="auto", origin="lower",
                                cmap="RdBu_r" if k < 2 else "viridis",
                                vmin=-vmax if k < 2 else 0, vmax=vmax if k < 2 else None)
@@ -316,12 +350,16 @@ def _plots(p: Problem, out: Path, state: torch.Tensor, theta: torch.Tensor) -> N
                 fig.colorbar(im, ax=ax)
     else:  # 2-D fields (L, C, H, W): first, middle and last frame
         frames = [0, p.cfg.length // 2, p.cfg.length - 1]
-        fig, axes = plt.subplots(3, len(frames), figsize=(3.4 * len(frames), 9.5), squeeze=False, dpi=100)
-        vmax = float(p.truth[:, 0].abs().max())
+        fig, axes = plt.subplots(3 - first, len(frames), figsize=(3.4 * len(frames), 9.5),
+                                 squeeze=False, dpi=100)
+        vmax = float(mean[:, 0].abs().max() if first else p.truth[:, 0].abs().max())
         for j, f in enumerate(frames):
-            for k, (title, img) in enumerate((("truth", p.truth[f, 0]), ("posterior mean", mean[f, 0]),
-                                              ("posterior std", spread[f, 0]))):
-                ax = axes[k, j]
+            panels = (("truth", p.truth[f, 0]), ("posterior mean", mean[f, 0]),
+                      ("posterior std", spread[f, 0]))
+            for k, (title, img) in enumerate(panels):
+                if k < first:
+                    continue
+                ax = axes[k - first, j]
                 ax.imshow(img.numpy(), origin="lower", cmap="RdBu_r" if k < 2 else "viridis",
                           vmin=-vmax if k < 2 else 0, vmax=vmax if k < 2 else None)
                 ax.set_title(f"frame {p.cfg.start + f}: {title}", fontsize=9)
@@ -337,9 +375,10 @@ def _plots(p: Problem, out: Path, state: torch.Tensor, theta: torch.Tensor) -> N
         for j, name in enumerate(p.spec["params"]):
             ax = axes[0, j]
             ax.hist(draws[:, j].numpy(), bins=max(5, min(30, draws.shape[0] // 2)), color="C0", alpha=0.8)
-            ax.axvline(float(p.theta_truth[:, j].mean()), color="k", lw=2, label="truth")
+            if p.has_truth:
+                ax.axvline(float(p.theta_truth[:, j].mean()), color="k", lw=2, label="truth")
+                ax.legend(fontsize=8)
             ax.set_title(f"posterior of {name}", fontsize=9)
-            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "theta.png")
         plt.close(fig)
@@ -379,7 +418,7 @@ def smooth(cfg: SmoothConfig, out: str | Path, overwrite: bool = False,
         raise OutputError("smooth: non-finite samples (lower sda.tau or raise sda.steps)")
     met = evaluate(p, state, theta)
     met.update(seconds=wall, ranks=size, seconds_per_sample=wall * size / cfg.samples)
-    if cfg.ensf_members:
+    if cfg.ensf_members and p.has_truth:
         met["ensf"] = ensf_baseline(p, cfg.ensf_members)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -128,3 +128,27 @@ def test_existing_output_is_kept(tmp_path, model_run, capsys):
     assert main(["smooth", str(conf), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "x"
+
+
+def test_observations_from_a_file_reproduce_the_twin_samples(tmp_path, model_run, capsys):
+    """A smoothing run fed the y (and σ) another run wrote draws the same samples; without a
+    truth the truth metrics are NaN and no truth is stored."""
+    cfg = make_cfg(model_run, samples=3, sda={"steps": 12})
+    sm.smooth(cfg, tmp_path / "twin")
+    fcfg = make_cfg(model_run, samples=3, sda={"steps": 12},
+                    observations={"path": str(tmp_path / "twin" / sm.STORE)})
+    met = sm.smooth(fcfg, tmp_path / "file")
+    assert met is not None and met["truth"] is False and np.isnan(met["rmse_mean"])
+    assert "covered" not in met["theta"]["F"]
+    a = xr.open_zarr(tmp_path / "twin" / sm.STORE, consolidated=False)
+    b = xr.open_zarr(tmp_path / "file" / sm.STORE, consolidated=False)
+    assert np.array_equal(a["x"].values, b["x"].values)
+    assert np.array_equal(a["theta"].values, b["theta"].values)
+    assert "truth_x" not in b and "theta_truth" not in b
+    # a file with the wrong number of observed frames is refused, naming the file
+    bad = make_cfg(model_run, length=14, observations={"path": str(tmp_path / "twin" / sm.STORE)})
+    conf = tmp_path / "bad.yaml"
+    conf.write_text(yaml.safe_dump(bad.model_dump(mode="json")))
+    assert main(["smooth", str(conf), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "smooth.zarr" in err and "obs_time" in err and not (tmp_path / "bad").exists()
