@@ -1,0 +1,78 @@
+"""env/slurm.sh: a single-node SLURM started and stopped by PID runs a 2-task MPI job."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "env" / "slurm.sh"
+PYTHON = sys.executable
+
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(shutil.which("slurmctld") is None or shutil.which("munged") is None,
+                                 reason="slurm-wlm / munge not installed (env/setup.sh installs them)")]
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("", 0))
+            port = a.getsockname()[1]
+        if port < 65000:
+            with socket.socket() as b:
+                try:
+                    b.bind(("", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair")
+
+
+def test_local_slurm_runs_an_mpi_job_and_stops_by_pid(tmp_path):
+    state = tmp_path / "slurm"
+    env = {**os.environ, "SCOREDA_SLURM_DIR": str(state), "SCOREDA_SLURM_PORT": str(_free_port_pair())}
+    up = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True,
+                        timeout=120)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert up.stdout.strip() == f"export SLURM_CONF={state / 'slurm.conf'}"
+        env["SLURM_CONF"] = str(state / "slurm.conf")
+        job = tmp_path / "job.sh"
+        job.write_text(f"""#!/bin/bash
+#SBATCH -n 2
+#SBATCH -o {tmp_path}/out-%j.txt
+srun {PYTHON} -c "from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.Get_rank(), c.Get_size())"
+""")
+        jid = subprocess.run(["sbatch", "--parsable", str(job)], env=env, capture_output=True,
+                             text=True, timeout=60, check=True).stdout.strip()
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            q = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], env=env,
+                               capture_output=True, text=True, timeout=30)
+            if not q.stdout.strip():
+                break
+            time.sleep(0.3)
+        out = (tmp_path / f"out-{jid}.txt").read_text().split("\n")
+        assert sorted(line for line in out if line) == ["0 2", "1 2"]  # one MPI world of 2 under srun
+        # a second start finds it running and changes nothing
+        again = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True,
+                               text=True, timeout=60)
+        assert again.returncode == 0 and "already running" in again.stderr
+    finally:
+        pids = [int((state / f"{n}.pid").read_text()) for n in ("munged", "slurmctld", "slurmd")
+                if (state / f"{n}.pid").exists()]
+        down = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert len(pids) == 3
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
