@@ -19,6 +19,7 @@ __all__ = [
     "rank_histogram",
     "rmse",
     "spread",
+    "verification_fields",
 ]
 
 
@@ -189,3 +190,22 @@ def param_summary(samples: torch.Tensor, truth: torch.Tensor, level: float = 0.9
         "error": mean - truth,
         "crps": crps_ensemble(samples, truth),
     }
+
+
+def verification_fields(xf: torch.Tensor, xa: torch.Tensor, truth: torch.Tensor | None) -> torch.Tensor:
+    """Per-component verification fields of a forecast and an analysis ensemble.
+
+    Args:
+        xf, xa: ``(N, C)``: every member, any block of state components.
+        truth: ``(C,)`` or None.
+
+    Returns:
+        ``(F, C)``: forecast mean and variance, analysis mean and variance, and (with a truth)
+        the analysis CRPS. Column-wise in the fixed order of :mod:`kernels.ensemble`, so a
+        column's values do not depend on the block it was computed in.
+    """
+    mf, ma = member_mean(xf), member_mean(xa)
+    rows = [mf, member_var(xf, mf), ma, member_var(xa, ma)]
+    if truth is not None:
+        rows.append(crps_ensemble(xa, truth))
+    return torch.stack(rows)

@@ -24,7 +24,6 @@ import xarray as xr
 from kernels import metrics
 from kernels.assimilation import Analysis, FilterSpec, roughen
 from kernels.dynamics import Dynamics
-from kernels.ensemble import member_mean, member_var
 from kernels.ensf import EnSFSettings
 from kernels.observe import add_noise, make_operator
 from kernels.streams import generator, per_member
@@ -76,25 +75,6 @@ def initial_theta(model: Dynamics, cfg: AssimilateConfig, members: range) -> tor
         return th
 
     return per_member(draw, cfg.seed, members, "theta")
-
-
-def state_fields(xf: torch.Tensor, xa: torch.Tensor, truth: torch.Tensor | None) -> torch.Tensor:
-    """Per-component verification fields of a forecast and an analysis ensemble.
-
-    Args:
-        xf, xa: ``(N, C)``: every member, any block of state components.
-        truth: ``(C,)`` or None.
-
-    Returns:
-        ``(F, C)``: forecast mean and variance, analysis mean and variance, and (with a truth)
-        the analysis CRPS. Column-wise in the fixed order of :mod:`kernels.ensemble`, so a
-        column's values do not depend on the block it was computed in.
-    """
-    mf, ma = member_mean(xf), member_mean(xa)
-    rows = [mf, member_var(xf, mf), ma, member_var(xa, ma)]
-    if truth is not None:
-        rows.append(metrics.crps_ensemble(xa, truth))
-    return torch.stack(rows)
 
 
 @dataclass
@@ -234,13 +214,14 @@ class Twin:
         it are NaN and no truth field is kept."""
         n = ens_f.shape[0]
         t = None if truth is None else truth.reshape(-1)
-        fields = state_fields(ens_f.reshape(n, -1), ens_a.reshape(n, -1), t)
+        fields = metrics.verification_fields(ens_f.reshape(n, -1), ens_a.reshape(n, -1), t)
         return self.record_from_fields(fields, t, theta_a, y)
 
     def record_from_fields(self, fields: torch.Tensor, truth: torch.Tensor | None,
                            theta_a: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The metrics of :meth:`_record` from the per-component fields of :func:`state_fields`
-        ``(F, D)`` (a distributed campaign gathers them from its column blocks), the flat
+        """The metrics of :meth:`_record` from the per-component fields ``(F, D)`` of
+        :func:`kernels.metrics.verification_fields` (a distributed campaign gathers them from its
+        column blocks), the flat
         ``truth (D,)`` or None, every member's θ ``(N, P_all)`` and ``y``."""
         mean_f, var_f, mean_a, var_a = fields[:4]
         rec = {"spread_f": var_f.mean().sqrt(), "spread_a": var_a.mean().sqrt(),

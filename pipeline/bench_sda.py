@@ -47,7 +47,7 @@ def _case(name: str, kind: str, options: dict, spatial: tuple[int, ...], channel
     times = list(range(length))
     observe = make_window_observe(den.normalizer, op, times, state_shape)
     y = torch.zeros(length * op.m)
-    eps = trajectory_eps(den.eps, window, static_theta=den.schedule)
+    eps = trajectory_eps(den.eps, window, static_theta=True)
     settings = SDASettings(steps=steps, corrector=1, tau=0.25, gamma=0.1)
     shape = (length, channels, *spatial)
 

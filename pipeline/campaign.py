@@ -59,9 +59,10 @@ import torch
 
 from kernels.assimilation import Analysis
 from kernels.ensemble import member_mean
+from kernels.metrics import verification_fields
 from kernels.observe import check_observations
 from kernels.streams import generator
-from pipeline.assimilate import Twin, filter_spec, state_fields, summary_lines
+from pipeline.assimilate import Twin, filter_spec, summary_lines
 from pipeline.config import (
     CampaignConfig,
     ConfigError,
@@ -642,7 +643,7 @@ class Campaign:
         cols = res.columns
         ns = max(0, min(cols.stop, d) - cols.start)  # state columns among mine
         with tm("analysis"):
-            fields = state_fields(res.prior_columns[:, :ns], res.post_columns[:, :ns],
+            fields = verification_fields(res.prior_columns[:, :ns], res.post_columns[:, :ns],
                                   None if truth is None else truth[cols.start:cols.start + ns])
             hx_f = twin.op(ens_f).reshape(len(self.members), -1)
             hx_a = twin.op(ens_a).reshape(len(self.members), -1)

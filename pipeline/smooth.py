@@ -155,9 +155,9 @@ class Problem:
         # (σ_t/μ_t)² is a variance in normalised units; the observations are physical: scale γ
         # by the squared physical std of the state (mean over channels) so γ keeps its meaning
         scale = float(den.normalizer.state_std.double().square().mean())
-        static = den.schedule if self.static_theta else None
         xs, xt = sample_posterior(
-            trajectory_eps(den.eps, self.spec["window"], static_theta=static), den.schedule,
+            trajectory_eps(den.eps, self.spec["window"], static_theta=self.static_theta),
+            den.schedule,
             (cfg.length, *self.frame_shape), len(self.spec["params"]), gens, settings,
             observe=observe, y=self.y.reshape(-1).to(dtype), sigma_y=self._sigma_flat(dtype),
             gamma_scale=scale, dtype=dtype, device=cfg.device,

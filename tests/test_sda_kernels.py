@@ -473,11 +473,11 @@ def test_static_theta_pools_windows_and_samples_one_vector():
         pos = 1.0 + torch.arange(ws.shape[1], dtype=F64)
         return ws * pos.reshape(1, -1, 1, 1), wt * pos.reshape(1, -1, 1) - 1e6 * tw.reshape(-1, 1, 1)
 
-    es, et = composed_eps(eps_fn, xs, xt1, t, window, static_theta=SCHED)
+    es, et = composed_eps(eps_fn, xs, xt1, t, window, static_theta=True)
     assert et.shape == (b, 1, p)
     assert torch.allclose(et, xt1 * 2.0 - 1e6 * t.reshape(-1, 1, 1), rtol=1e-12, atol=1e-6)
     with pytest.raises(ValueError, match="static"):
-        composed_eps(eps_fn, xs, xt, t, window, static_theta=SCHED)
+        composed_eps(eps_fn, xs, xt, t, window, static_theta=True)
 
     length, sites, times = 10, 2, [2, 7]
     idx = torch.tensor([i * sites + s for i in times for s in range(sites)])
@@ -488,7 +488,7 @@ def test_static_theta_pools_windows_and_samples_one_vector():
     def observe(s, p):
         return s[:, times, 0, :].reshape(s.shape[0], -1)
 
-    eps = trajectory_eps(theta_eps(), 5, static_theta=SCHED)
+    eps = trajectory_eps(theta_eps(), 5, static_theta=True)
     xs, xt = sample_posterior(eps, SCHED, (length, 1, sites), 1, _gens(512),
                               SDASettings(steps=128, corrector=1, tau=0.25, gamma=1e-2),
                               observe=observe, y=y, sigma_y=SY, dtype=F64, theta_frames=1)

@@ -93,7 +93,7 @@ def composed_eps(
     window: int,
     *,
     chunk: int | None = None,
-    static_theta: VPSchedule | None = None,
+    static_theta: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise prediction of whole trajectories assembled from a window network.
 
@@ -110,9 +110,9 @@ def composed_eps(
         t: diffusion time, scalar or ``(B,)``.
         window: ``W = 2k + 1``, odd, ``1 ≤ W ≤ L``.
         chunk: most windows per ``eps_fn`` call (bounds memory); ``None`` for one call.
-        static_theta: the schedule, to treat θ as **one** parameter vector per trajectory
-            (``x_theta (B, 1, P)``, returned ``(B, 1, P)``): every window sees it at all W
-            positions and the window scores are pooled (:func:`_pool_static_theta`). Per-frame θ
+        static_theta: treat θ as **one** parameter vector per trajectory (``x_theta (B, 1, P)``,
+            returned ``(B, 1, P)``): every window sees it at all W positions and its ε is the
+            mean over windows of their centre outputs (see below). Per-frame θ
             (the default) suits a θ that moves (a random walk); with a static θ the per-frame
             copies of distant windows drift apart and the sampler diverges (measured on
             Lorenz-96, L ≥ 17, W = 5: states beyond 100 in normalised units).
@@ -121,8 +121,7 @@ def composed_eps(
         ``ε_state (B, L, C, *spatial)`` and ``ε_theta (B, L, P)`` (``(B, 1, P)`` with
         ``static_theta``); differentiable through ``eps_fn`` with respect to the inputs.
     """
-    theta_in = x_theta
-    if static_theta is not None:
+    if static_theta:
         if x_theta.dim() != 3 or x_theta.shape[1] != 1:
             raise ValueError(f"static θ must be (B, 1, P), got {tuple(x_theta.shape)}")
         x_theta = x_theta.expand(-1, x_state.shape[1], -1)
@@ -158,7 +157,7 @@ def composed_eps(
             raise ValueError(f"eps_fn returned {tuple(es.shape)}, {tuple(et.shape)}; expected "
                              f"{tuple(ws.shape)}, {tuple(wt.shape)}")
         out_s[bi, ji + k], out_t[bi, ji + k] = es[:, k], et[:, k]
-        if static_theta is not None:
+        if static_theta:
             pooled = pooled.index_add(0, bi, et[:, k])
         first, last = ji == 0, ji == n - 1
         if k and bool(first.any()):
@@ -166,29 +165,19 @@ def composed_eps(
         if k and bool(last.any()):
             out_s[bi[last], length - k:] = es[last, k + 1:]
             out_t[bi[last], length - k:] = et[last, k + 1:]
-    if static_theta is not None:
-        return out_s, _pool_static_theta(pooled, theta_in, tb, n, w, static_theta)
+    if static_theta:
+        # The mean over windows: the prior the states put on θ counts as one window's. Counting
+        # each transition once instead (s_prior + Σ_j (s_j − s_prior)/(W − 1)) makes the θ score
+        # up to n/(W − 1) times stiffer and the sampler diverges at 64–128 steps (Lorenz-96,
+        # L = 17 and 32). What the observations say about θ still comes from every frame: the
+        # likelihood gradient flows through θ into each window's denoised states. On the
+        # analytic θ + noise chain: posterior mean right, spread 2.3× too wide (tests).
+        return out_s, (pooled / n).unsqueeze(1)
     return out_s, out_t
 
 
-def _pool_static_theta(pooled: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor, n: int,
-                       w: int, schedule: VPSchedule) -> torch.Tensor:
-    """ε of one static θ ``(B, 1, P)`` from the ``n`` windows' mean copy outputs summed, ``(B, P)``.
-
-    The mean over windows: the prior the states put on θ counts as one window's. Counting each
-    transition once instead (``s_prior + Σ_j (s_j − s_prior)/(W − 1)``) makes the θ score up to
-    ``n/(W − 1)`` times stiffer and the ε-space integrator diverges at 64–128 steps (measured on
-    Lorenz-96, L = 17 and 32). What the observations say about θ still comes from every frame:
-    the likelihood gradient flows through θ into each window's denoised states. Measured on the
-    analytic θ + noise chain (tests/test_sda_kernels.py): posterior mean right, spread 2.3× too
-    wide — conservative intervals.
-    """
-    del x_theta, t, w, schedule  # the pooled mean needs none of them; kept for the call shape
-    return (pooled / n).unsqueeze(1)
-
-
 def trajectory_eps(eps_fn: EpsFn, window: int, *, chunk: int | None = None,
-                   static_theta: VPSchedule | None = None) -> EpsFn:
+                   static_theta: bool = False) -> EpsFn:
     """``eps_fn`` over windows of ``W`` states turned into one over whole trajectories
     (:func:`composed_eps`), the form :func:`sample_posterior` takes (with ``static_theta``,
     sample with ``theta_frames=1``)."""
@@ -442,7 +431,7 @@ def sample_posterior(
         dtype: working dtype.
         device: working device (default: the generators' device).
         theta_frames: frames of θ, ``L`` (default: one θ per frame) or ``1`` (one static θ
-            per trajectory, with ``trajectory_eps(..., static_theta=schedule)``).
+            per trajectory, with ``trajectory_eps(..., static_theta=True)``).
 
     Returns:
         ``x_state (B, L, C, *spatial)`` and ``x_theta (B, theta_frames, P)`` at ``t = 0``,
