@@ -49,6 +49,7 @@ from pipeline.config import (
 )
 from pipeline.runtime import member_slice, progress, tune_allocator, world
 from pipeline.storage import OutputError, write_text_atomic
+from pipeline.store import store_config
 
 CONFIG, STORE, METRICS, SUMMARY = "config.yaml", "smooth.zarr", "metrics.json", "summary.md"
 
@@ -120,9 +121,6 @@ class Problem:
             self.y = torch.from_numpy(f.y)
             if f.sigma is not None:
                 self.sigma = f.sigma if isinstance(f.sigma, float) else torch.from_numpy(f.sigma)
-        self.src = src
-        from pipeline.store import store_config
-
         # a θ that does not move along a trajectory is sampled as one vector per sample
         # (kernels.score.sda: per-frame copies of a static θ drift apart and diverge)
         self.gcfg = store_config(Path(tcfg.store))

@@ -542,14 +542,14 @@ class Trainer:
                     acc["grad"] = float(gn)
                     bar.update(1)
                     if st.step % cfg.log_every == 0 or st.step == end:
-                        loss_sum, data_max, comp_max = self._allreduce(
+                        loss_sum, data_sum, comp_sum = self._allreduce(
                             [acc["loss"] / acc["n"], acc["data"], acc["compute"]], "sum")
                         now = time.perf_counter()
                         rec = {"step": st.step, "loss": loss_sum / self.size,
                                "lr": st.sched.get_last_lr()[0], "grad_norm": acc["grad"],
                                "samples_per_s": acc["n"] * cfg.batch_size / (now - t_log),
-                               "data_s_per_step": data_max / self.size / acc["n"],
-                               "compute_s_per_step": comp_max / self.size / acc["n"]}
+                               "data_s_per_step": data_sum / self.size / acc["n"],
+                               "compute_s_per_step": comp_sum / self.size / acc["n"]}
                         bar.set_postfix(loss=f"{rec['loss']:.3f}",
                                         sps=f"{rec['samples_per_s']:.0f}", refresh=False)
                         if self.rank == 0:
