@@ -15,7 +15,7 @@ set -euo pipefail
 DIR="${SCOREDA_SLURM_DIR:-/tmp/scoreda-slurm}"
 CONF="$DIR/slurm.conf"
 HOST="$(hostname -s)"
-CPUS="$(nproc)"
+CPUS="$(getconf _NPROCESSORS_ONLN)"  # not nproc: it follows OMP_NUM_THREADS
 MEM_MB="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
 PORT_CTLD="${SCOREDA_SLURM_PORT:-6917}"
 PORT_D="$((PORT_CTLD + 1))"
