@@ -197,8 +197,7 @@ class Twin:
         return truth + (hit * jump).to(truth)
 
     def _from_u(self, u: torch.Tensor) -> torch.Tensor:
-        cols = [self.model.params[j].from_unconstrained(u[:, k]) for k, j in enumerate(self.est_idx)]
-        return torch.stack(cols, dim=1)
+        return self.model.from_unconstrained(u, self.est_idx)
 
     @staticmethod
     def _check_finite(x: torch.Tensor, cycle: int, where: str) -> None:

@@ -134,8 +134,7 @@ class Problem:
 
     def _natural(self, u: torch.Tensor) -> torch.Tensor:
         """Unconstrained θ of the model's estimated parameters ``(..., P)`` → natural units."""
-        cols = [self.model.params[j].from_unconstrained(u[..., k]) for k, j in enumerate(self.pidx)]
-        return torch.stack(cols, -1) if cols else u
+        return self.model.from_unconstrained(u, self.pidx)
 
     def sample(self, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior samples ``indices``: states ``(S, L, C, *sp)`` and θ ``(S, L, P)``, physical."""
@@ -209,8 +208,7 @@ def ensf_baseline(p: Problem, members: int) -> dict[str, Any]:
             x = za[:, :d].reshape(n, *model.state_shape)
             u = roughen(za[:, d:], 0.01, [generator(cfg.seed, "ensf-roughen", cfg.start + k, i)
                                           for i in range(n)])
-            for j, col in enumerate(p.pidx):
-                theta[:, col] = model.params[col].from_unconstrained(u[:, j])
+            theta[:, p.pidx] = model.from_unconstrained(u, p.pidx)
         if not torch.isfinite(x).all():
             raise OutputError(f"ensf baseline diverged at frame {cfg.start + k}")
         rmse.append(float(metrics.rmse(x.reshape(n, -1).mean(0), truth[k])))

@@ -416,14 +416,11 @@ class Trainer:
     def restore(self, step: int) -> _State:
         path = self.run_dir / CHECKPOINTS / f"step-{step:08d}.pt"
         ckpt = _load(path)
+        if ckpt.get("spec") != self.spec:
+            raise OutputError(f"{path}: written for another model or data set")
         try:
-            den = build_denoiser(ckpt["spec"])
-            if ckpt["spec"] != self.spec:
-                raise OutputError(f"{path}: written for another model or data set")
-            st = self._wrap(den, ckpt)
+            st = self._wrap(build_denoiser(ckpt["spec"]), ckpt)
         except (KeyError, RuntimeError, ValueError) as exc:
-            if isinstance(exc, OutputError):
-                raise
             raise OutputError(f"{path}: does not match this run ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:120]})") from None
         return st

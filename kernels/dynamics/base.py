@@ -161,10 +161,12 @@ class Dynamics(ABC):
         cols = [p.to_unconstrained(theta[..., i]) for i, p in enumerate(self.params)]
         return torch.stack(cols, dim=-1)
 
-    def from_unconstrained(self, u: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`to_unconstrained`, ``(..., P) -> (..., P)``."""
-        cols = [p.from_unconstrained(u[..., i]) for i, p in enumerate(self.params)]
-        return torch.stack(cols, dim=-1)
+    def from_unconstrained(self, u: torch.Tensor, index: Sequence[int] | None = None) -> torch.Tensor:
+        """Inverse of :meth:`to_unconstrained`, ``(..., P) -> (..., P)``; with ``index``, ``u``
+        holds only the parameters ``index`` (the estimated ones), ``(..., len(index))``."""
+        params = self.params if index is None else [self.params[j] for j in index]
+        cols = [p.from_unconstrained(u[..., k]) for k, p in enumerate(params)]
+        return torch.stack(cols, dim=-1) if cols else u
 
     # ----------------------------------------------------------------------------------------
     # integration helpers
