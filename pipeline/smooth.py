@@ -370,7 +370,11 @@ def _plots(p: Problem, out: Path, state: torch.Tensor, theta: torch.Tensor) -> N
         draws = theta.mean(1)
         for j, name in enumerate(p.spec["params"]):
             ax = axes[0, j]
-            ax.hist(draws[:, j].numpy(), bins=max(5, min(30, draws.shape[0] // 2)), color="C0", alpha=0.8)
+            d = draws[:, j].numpy()
+            # an explicit, padded range: one sample or float32-identical draws have none to bin
+            pad = 0.05 * float(np.ptp(d)) + 1e-3 * float(np.abs(d).max()) + 1e-12
+            ax.hist(d, bins=max(5, min(30, draws.shape[0] // 2)), color="C0", alpha=0.8,
+                    range=(float(d.min()) - pad, float(d.max()) + pad))
             if p.has_truth:
                 ax.axvline(float(p.theta_truth[:, j].mean()), color="k", lw=2, label="truth")
                 ax.legend(fontsize=8)
