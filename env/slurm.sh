@@ -9,7 +9,9 @@
 #
 # SCOREDA_SLURM_DIR (default /tmp/scoreda-slurm) holds slurm.conf, the munge key and socket,
 # PID files, spool and logs. Settings this machine needs: proctrack/linuxproc (no cgroups),
-# MpiDefault=pmi2, batch_sched_delay=0 (jobs start at once).
+# MpiDefault=pmi2, batch_sched_delay=0 (jobs start at once). A second partition, `short` (5 min
+# limit), is there to try time-limit checks; SCOREDA_SLURM_CRED_EXPIRE (default 30 s) is also how
+# long a requeued job waits before it may start again.
 set -euo pipefail
 
 DIR="${SCOREDA_SLURM_DIR:-/tmp/scoreda-slurm}"
@@ -36,7 +38,7 @@ SlurmctldPort=$PORT_CTLD
 SlurmdPort=$PORT_D
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=socket=$DIR/munge.socket
+AuthInfo=socket=$DIR/munge.socket,cred_expire=${SCOREDA_SLURM_CRED_EXPIRE:-30}
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -60,6 +62,7 @@ KillWait=5
 InactiveLimit=0
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes=$HOST MaxTime=00:05:00 State=UP
 EOF
 }
 

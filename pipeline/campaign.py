@@ -114,6 +114,14 @@ def _die_at(cycle: int, phase: str, rank: int) -> None:
         os._exit(137)
 
 
+def _test_delay() -> None:
+    """``SCOREDA_TEST_CYCLE_SLEEP=SECONDS`` sleeps at the start of every cycle: a campaign that
+    lasts past a SLURM time limit without using the CPU, for the requeue tests."""
+    secs = os.environ.get("SCOREDA_TEST_CYCLE_SLEEP")
+    if secs:
+        time.sleep(float(secs))
+
+
 # --------------------------------------------------------------------------------------------
 # config identity
 def hashed_config(cfg: CampaignConfig) -> dict[str, Any]:
@@ -694,6 +702,7 @@ class Campaign:
         with StopSignals() as stop, progress(cfg.cycles, "campaign", unit="cycle",
                                              initial=st.cycles_done) as bar:
             for c in range(st.cycles_done, cfg.cycles):
+                _test_delay()
                 tm = _Split()
                 t0 = time.perf_counter()
                 with torch.no_grad():

@@ -179,10 +179,13 @@ COMMANDS = {"simulate": _cmd_simulate, "config": _cmd_config, "bench": _cmd_benc
 
 #: modules with ``add_cli(subparsers)``; each sub-parser sets ``func=handler(args) -> int``.
 STAGE_MODULES: list[str] = ["pipeline.generate", "pipeline.assimilate", "pipeline.campaign",
-                             "pipeline.train", "pipeline.smooth"]
+                             "pipeline.train", "pipeline.smooth", "pipeline.submit"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline import catch_early_usr1
+
+    catch_early_usr1()  # first: SLURM's USR1 can come while torch is still being imported
     parser = build_parser()
     args = parser.parse_args(argv)
     from pipeline.simulate import DivergenceError

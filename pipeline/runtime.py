@@ -172,10 +172,14 @@ class StopSignals:
         import signal as _signal
         import threading
 
+        from pipeline import early_signal
+
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 num = getattr(_signal, name)
                 self._old[num] = _signal.signal(num, self._handle)
+        if early_signal() is not None:  # arrived before this process watched for it
+            self.requested, self.signal = True, early_signal()
         return self
 
     def __exit__(self, *exc: Any) -> None:
