@@ -640,3 +640,139 @@ class SmoothConfig(Strict):
 
 
 STAGES["smooth"] = SmoothConfig
+
+
+# --------------------------------------------------------------------------------------------
+# submit: whole runs as chained SLURM jobs
+_SLURM_TIME = re.compile(r"^(?:(\d+)-(\d{1,2})(?::(\d{1,2})(?::(\d{1,2}))?)?"   # D-H[:M[:S]]
+                         r"|(\d+)(?::(\d{1,2})(?::(\d{1,2}))?)?)$")                 # M[:S] | H:M:S
+
+
+def slurm_seconds(text: str) -> int:
+    """Seconds of a SLURM time limit: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``.
+
+    Raises ``ValueError`` for anything else (and for 0: SLURM reads it as "no limit").
+    """
+    m = _SLURM_TIME.match(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a SLURM time (M, M:S, H:M:S, D-H, D-H:M or D-H:M:S)")
+    d, dh, dm, ds, a, b, c = m.groups()
+    if d is not None:
+        secs = int(d) * 86400 + int(dh) * 3600 + int(dm or 0) * 60 + int(ds or 0)
+        parts = [int(dh), int(dm or 0), int(ds or 0)]
+        limits = [24, 60, 60]
+    elif c is not None:  # H:M:S
+        secs, parts, limits = int(a) * 3600 + int(b) * 60 + int(c), [int(b), int(c)], [60, 60]
+    elif b is not None:  # M:S
+        secs, parts, limits = int(a) * 60 + int(b), [int(b)], [60]
+    else:  # M
+        secs, parts, limits = int(a) * 60, [], []
+    if any(p >= lim for p, lim in zip(parts, limits, strict=True)):
+        raise ValueError(f"{text!r}: a field is out of range")
+    if secs <= 0:
+        raise ValueError(f"{text!r}: a time limit must be positive")
+    return secs
+
+
+def _check_slurm_time(v: str) -> str:
+    slurm_seconds(v)
+    return v.strip()
+
+
+SlurmTime = Annotated[str, AfterValidator(_check_slurm_time)]
+
+
+class SiteConfig(Strict):
+    """What differs between clusters; the job templates never hold any of it."""
+
+    partition: str | None = None            # null: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    time: SlurmTime = "01:00:00"            # default time limit of every job
+    gpus_per_node: NonNegInt = 0            # GPUs a node has (jobs asking more are refused)
+    modules: list[str] = Field(default_factory=list)  # `module load` each, in order
+    setup: list[str] = Field(default_factory=list)    # shell lines before the command
+    sbatch: list[str] = Field(default_factory=list)   # extra #SBATCH options, e.g. --constraint=x
+    scoreda: str | None = None              # scoreda on the nodes (null: the one submitting)
+    templates: str | None = None            # a directory of own job templates (null: jobs/)
+
+    @field_validator("sbatch")
+    @classmethod
+    def _options(cls, v: list[str]) -> list[str]:
+        for opt in v:
+            if not opt.startswith("-") or "\n" in opt:
+                raise ValueError(f"{opt!r} is not one sbatch option (e.g. --constraint=cpu)")
+        return v
+
+
+class JobSpec(Strict):
+    """Resources of one stage's job."""
+
+    config: str | None = None               # the stage's config (file or shipped example name)
+    nodes: PosInt = 1
+    ntasks: PosInt = 1                      # ranks (srun tasks)
+    cpus_per_task: PosInt = 1
+    gpus: NonNegInt = 0                     # GPUs per node
+    mem: str | None = None                  # e.g. 16G (null: the partition's default)
+    time: SlurmTime | None = None           # null: site.time
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d+[KMGT]?", v):
+            raise ValueError(f"{v!r} is not a SLURM memory size (e.g. 4000, 16G)")
+        return v
+
+
+class ResumableJobSpec(JobSpec):
+    """A stage that checkpoints and exits 3 on SIGUSR1: its job requeues itself until done."""
+
+    signal_lead: PosInt = 120               # seconds before the time limit SLURM sends USR1
+    max_requeues: NonNegInt = 20            # give up (fail) after this many requeues
+
+
+class BenchJobSpec(JobSpec):
+    """The scaling sweep: one array task per rank count, then a gather job."""
+
+    suites: list[Literal["campaign", "train"]] = Field(default_factory=lambda: ["campaign", "train"])
+    ranks: list[PosInt] = Field(default_factory=lambda: [1, 2])
+    quick: bool = False                     # small sizes (tests)
+    repeats: PosInt = 3
+
+
+class SubmitConfig(Strict):
+    """``scoreda submit``: stages of one run as SLURM jobs chained with afterok."""
+
+    stage: Literal["submit"] = "submit"
+    site: SiteConfig = Field(default_factory=SiteConfig)
+    generate: JobSpec | None = None
+    train: ResumableJobSpec | None = None
+    campaign: ResumableJobSpec | None = None
+    bench: BenchJobSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SubmitConfig:
+        for name in ("generate", "train", "campaign"):
+            spec = getattr(self, name)
+            if spec is not None and spec.config is None:
+                raise _field_error((name, "config"), "required for this stage")
+        for name in ("generate", "train", "campaign", "bench"):
+            spec = getattr(self, name)
+            if spec is None:
+                continue
+            if spec.gpus > self.site.gpus_per_node:
+                raise _field_error((name, "gpus"), f"{spec.gpus} GPUs per node asked, the site "
+                                   f"has {self.site.gpus_per_node} (site.gpus_per_node)")
+            if spec.ntasks < spec.nodes:
+                raise _field_error((name, "ntasks"), f"{spec.ntasks} tasks on {spec.nodes} nodes")
+            limit = slurm_seconds(spec.time or self.site.time)
+            lead = getattr(spec, "signal_lead", None)
+            if lead is not None and lead >= limit:
+                raise _field_error((name, "signal_lead"), f"{lead} s is not shorter than the time "
+                                   f"limit ({limit} s)")
+        if self.bench is not None and len(set(self.bench.ranks)) != len(self.bench.ranks):
+            raise _field_error(("bench", "ranks"), "repeated rank counts")
+        return self
+
+
+STAGES["submit"] = SubmitConfig

@@ -1,0 +1,306 @@
+"""``scoreda submit | status | job`` against a real single-node SLURM (env/slurm.sh).
+
+The chain's outputs equal the same stages run directly; a campaign longer than its time limit is
+signalled, requeues, resumes and ends bitwise equal to an uninterrupted run; a failing stage
+cancels its dependents; ``--dry-run`` scripts pass ``sbatch --test-only``; bad site settings are
+refused before anything is written. Config/render checks without SLURM run everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, SubmitConfig, slurm_seconds, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "env" / "slurm.sh"
+SCOREDA = [sys.executable, "-m", "pipeline.cli"]
+HAVE_SLURM = shutil.which("slurmctld") is not None and shutil.which("munged") is not None
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+GENERATE = {
+    "stage": "generate", "model": {"name": "lorenz96", "size": 40, "dt": 0.05},
+    "out": "unused.zarr", "trajectories": 16, "frames": 32, "save_every": 2, "spinup": 100,
+    "seed": 3, "theta": {"mode": "prior"},
+    "store": {"trajectories_per_shard": 8, "shard_frames": 32, "chunk_frames": 16},
+    "split": {"valid": 0.125, "test": 0.125}, "dask": {"workers": 1},
+}
+TRAIN = {
+    "stage": "train", "store": "unused.zarr", "window": 5,
+    "network": {"kind": "ring", "options": {"width": 16, "depth": 2}},
+    "batch_size": 16, "steps": 40, "checkpoint_every": 20, "log_every": 10,
+    "validate_every": 40, "valid_windows": 16, "optim": {"lr": 1e-3, "warmup": 5}, "seed": 1,
+}
+CAMPAIGN = {
+    "stage": "campaign", "model": {"name": "lorenz96", "size": 40, "params": {"F": 8.0}, "dt": 0.05},
+    "members": 8, "cycles": 12, "burn_in": 2, "seed": 4, "dtype": "float64",
+    "observation": {"kind": "every_kth", "options": {"k": 2}, "sigma": 1.0, "every": 2},
+    "parameters": {"estimate": ["F"], "prior": {"F": {"uniform": [6.0, 10.0]}}, "roughening": 0.03},
+    "filter": {"method": "ensf", "ensf": {"estimator": "paired", "steps": 20, "coupling": "regression"}},
+    "checkpoint_every": 2, "keep_checkpoints": 2,
+}
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _submit_cfg(tmp: Path, stages: dict, site: dict | None = None) -> Path:
+    data = {"stage": "submit", "site": {"time": "00:10:00", **(site or {})}}
+    for name, (cfg, spec) in stages.items():
+        data[name] = {"config": str(_write(tmp / f"{name}.yaml", cfg)), **spec}
+    return _write(tmp / "submit.yaml", data)
+
+
+# ------------------------------------------------------------------------------------------------
+# without SLURM
+def test_slurm_time_formats():
+    assert slurm_seconds("30") == 1800 and slurm_seconds("1:30") == 90
+    assert slurm_seconds("02:00:00") == 7200 and slurm_seconds("1-12") == 129600
+    assert slurm_seconds("1-0:0:1") == 86401
+    for bad in ("1:60", "1:2:3:4", "x", "0", "-1", "1-24", ""):
+        with pytest.raises(ValueError):
+            slurm_seconds(bad)
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"site": {"time": "1:99"}}, "site.time"),
+    ({"site": {"sbatch": ["constraint=x"]}}, "site.sbatch"),
+    ({"train": {"config": "train_demo", "gpus": 2}}, "train.gpus"),
+    ({"campaign": {"config": "campaign_l96_ensf", "time": "5", "signal_lead": 300}},
+     "campaign.signal_lead"),
+    ({"campaign": {"signal_lead": 30}}, "campaign.config"),
+    ({"generate": {"config": "generate_demo", "mem": "lots"}}, "generate.mem"),
+    ({"bench": {"ranks": [1, 1]}}, "bench.ranks"),
+])
+def test_submit_config_refused_with_the_field_named(data, key):
+    with pytest.raises(ConfigError, match=f"x.yaml: {key}:"):
+        validate({"stage": "submit", **data}, SubmitConfig, "x.yaml")
+
+
+def test_templates_render_every_field(tmp_path):
+    from pipeline.submit import render
+
+    sub = validate({"stage": "submit", "site": {"partition": "p", "account": "a", "gpus_per_node": 4,
+                                                "modules": ["m/1"], "setup": ["echo hi"]},
+                    "generate": {"config": "g"}, "train": {"config": "t", "gpus": 4, "ntasks": 4},
+                    "campaign": {"config": "c", "ntasks": 8, "signal_lead": 90},
+                    "bench": {"ranks": [1, 2, 4]}}, SubmitConfig, "x")
+    assert isinstance(sub, SubmitConfig)
+    run = tmp_path / "run"
+    for stage in ("generate", "train", "campaign", "bench"):
+        text = render(sub, stage, run)
+        assert "{" not in text and "}" not in text, text
+        assert f"exec {sys.executable}" in text or "scoreda job" in text
+        assert f"job {stage} {run}" in text
+        assert "#SBATCH --partition=p" in text and "#SBATCH --account=a" in text
+        assert "module load m/1" in text and "echo hi" in text
+    assert "--signal=B:USR1@90" in render(sub, "campaign", run)
+    assert "--requeue" in render(sub, "campaign", run) and "--ntasks=8" in render(sub, "campaign", run)
+    assert "--gpus-per-node=4" in render(sub, "train", run)  # the GPU template
+    assert "--array=0-2" in render(sub, "bench", run) and "--ntasks=4" in render(sub, "bench", run)
+    assert "bench_gather" in render(sub, "bench", run, template="bench_gather")
+
+
+def test_job_starts_then_resumes(tmp_path):
+    from pipeline.submit import _stage_argv
+
+    sub = validate({"stage": "submit", "train": {"config": "t"}, "campaign": {"config": "c"}},
+                   SubmitConfig, "x")
+    assert isinstance(sub, SubmitConfig)
+    assert _stage_argv("campaign", tmp_path, sub)[:2] == ["campaign", "run"]
+    assert _stage_argv("train", tmp_path, sub)[1].endswith("train.yaml")
+    for d in ("campaign", "train"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "progress.json").write_text("{}")
+    assert _stage_argv("campaign", tmp_path, sub) == ["campaign", "resume", str(tmp_path / "campaign")]
+    assert _stage_argv("train", tmp_path, sub) == ["train", "--resume", str(tmp_path / "train")]
+
+
+# ------------------------------------------------------------------------------------------------
+# against the local SLURM
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if not HAVE_SLURM:
+        pytest.skip("slurm-wlm / munge not installed (env/setup.sh installs them)")
+    from tests.test_slurm_env import _free_port_pair
+
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SCOREDA_SLURM_DIR": str(state), "SCOREDA_SLURM_PORT": str(_free_port_pair()),
+           "SCOREDA_SLURM_CRED_EXPIRE": "5", "SCOREDA_NO_PROGRESS": "1"}
+    up = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert up.returncode == 0, up.stderr
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=60)
+
+
+def _cli(env, *args, timeout=300):
+    return subprocess.run([*SCOREDA, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def _jobs(run: Path) -> dict[str, str]:
+    return {j["stage"]: j["job_id"] for j in json.loads((run / "jobs.json").read_text())["jobs"]}
+
+
+def _state(env, jid: str) -> dict[str, str]:
+    r = subprocess.run(["scontrol", "-o", "show", "job", jid], env=env, capture_output=True,
+                       text=True, timeout=30)
+    return dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
+
+
+def _wait(env, jids, timeout: float) -> dict[str, dict[str, str]]:
+    deadline = time.time() + timeout
+    while True:
+        info = {j: _state(env, j) for j in jids}
+        if all(i.get("JobState") in TERMINAL for i in info.values()) or time.time() > deadline:
+            return info
+        time.sleep(1)
+
+
+def _logs(run: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in sorted((run / "logs").glob("*")))
+
+
+def _same_tree_arrays(a: Path, b: Path) -> None:
+    import zarr
+
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    names = sorted(k for k, _ in ga.arrays())
+    assert names == sorted(k for k, _ in gb.arrays())
+    for k in names:
+        if k.startswith("seconds"):
+            continue  # wall-clock timings
+        np.testing.assert_array_equal(ga[k][...], gb[k][...], err_msg=k)
+
+
+@pytest.mark.slurm
+def test_dry_run_and_refusals(slurm, tmp_path):
+    cfg = _submit_cfg(tmp_path, {"generate": (GENERATE, {}), "train": (TRAIN, {"ntasks": 2}),
+                                 "campaign": (CAMPAIGN, {"ntasks": 2, "signal_lead": 30})})
+    run = tmp_path / "run"
+    r = _cli(slurm, "submit", cfg, "--run-dir", run, "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" ok ") == 3 and "to start at" in r.stdout
+    for s in ("generate", "train", "campaign"):
+        assert (run / "jobs" / f"{s}.sbatch").exists() and (run / "configs" / f"{s}.yaml").exists()
+    assert not (run / "jobs.json").exists()
+    assert yaml.safe_load((run / "configs" / "train.yaml").read_text())["store"] == str(run / "data.zarr")
+    # refused before anything is written: unknown partition, a time over the partition's limit,
+    # a malformed time, a train stage whose store nobody makes
+    bad_cases = [
+        ({"partition": "nosuch"}, {}, "site.partition: 'nosuch' is not a partition"),
+        ({"partition": "short"}, {}, "site.time: 00:10:00 exceeds the maximum of partition 'short'"),
+        ({"time": "10:99"}, {}, "site.time: '10:99': a field is out of range"),
+    ]
+    for i, (site, _, msg) in enumerate(bad_cases):
+        d = tmp_path / f"bad{i}"
+        d.mkdir()
+        c = _submit_cfg(d, {"campaign": (CAMPAIGN, {})}, site)
+        r = _cli(slurm, "submit", c, "--run-dir", d / "run")
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert not (d / "run").exists()
+    d = tmp_path / "nostore"
+    d.mkdir()
+    c = _submit_cfg(d, {"train": (TRAIN, {})})
+    r = _cli(slurm, "submit", c, "--run-dir", d / "run")
+    assert r.returncode == 2 and "train.config: store" in r.stderr and "no generate stage" in r.stderr
+    r = _cli(slurm, "submit", cfg, "--run-dir", run, "--stages", "train,nosuch")
+    assert r.returncode == 2 and "--stages: unknown stage 'nosuch'" in r.stderr
+
+
+@pytest.mark.slurm
+def test_chain_equals_direct_stages(slurm, tmp_path):
+    cfg = _submit_cfg(tmp_path, {"generate": (GENERATE, {}), "train": (TRAIN, {"ntasks": 2}),
+                                 "campaign": (CAMPAIGN, {"ntasks": 2, "signal_lead": 30})})
+    run = tmp_path / "run"
+    r = _cli(slurm, "submit", cfg, "--run-dir", run)
+    assert r.returncode == 0, r.stderr
+    jobs = _jobs(run)
+    assert list(jobs) == ["generate", "train", "campaign"]
+    info = _wait(slurm, jobs.values(), 600)
+    states = {s: info[j].get("JobState") for s, j in jobs.items()}
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{_logs(run)}"
+    st = _cli(slurm, "status", run)
+    assert st.returncode == 0 and "2/2 shards" in st.stdout and "12/12 cycles" in st.stdout
+    assert "step 40/40" in st.stdout and st.stdout.count("COMPLETED") == 3
+    # the same stages run directly, from the same rendered configs
+    direct = tmp_path / "direct"
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    steps = [
+        [*SCOREDA, "generate", run / "configs/generate.yaml", "--out", direct / "data.zarr"],
+        [mpiexec, "-n", "2", *SCOREDA, "train", run / "configs/train.yaml",
+         "--store", direct / "data.zarr", "--run-dir", direct / "train"],
+        [mpiexec, "-n", "2", *SCOREDA, "campaign", "run", run / "configs/campaign.yaml",
+         "--run-dir", direct / "campaign"],
+    ]
+    for cmd in steps:
+        p = subprocess.run(list(map(str, cmd)), env=slurm, capture_output=True, text=True,
+                           timeout=600, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-2000:]
+    _same_tree_arrays(run / "data.zarr", direct / "data.zarr")
+    import torch
+
+    wa = torch.load(run / "train/model.pt", weights_only=True)["ema"]
+    wb = torch.load(direct / "train/model.pt", weights_only=True)["ema"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    _same_tree_arrays(run / "campaign/campaign.zarr", direct / "campaign/campaign.zarr")
+
+
+@pytest.mark.slurm
+def test_time_limited_campaign_requeues_and_finishes_bitwise(slurm, tmp_path):
+    camp = {**CAMPAIGN, "cycles": 40}
+    # a 2-minute limit with USR1 30 s before it (SLURM may send it up to a minute early: from
+    # 30 s on); 3 s of sleep per cycle make the campaign outlast the limit without using the CPU
+    cfg = _submit_cfg(tmp_path, {"campaign": (camp, {"ntasks": 2, "time": "2", "signal_lead": 30})})
+    env = {**slurm, "SCOREDA_TEST_CYCLE_SLEEP": "3"}
+    run = tmp_path / "run"
+    r = _cli(env, "submit", cfg, "--run-dir", run)
+    assert r.returncode == 0, r.stderr
+    jid = _jobs(run)["campaign"]
+    info = _wait(slurm, [jid], 900)[jid]
+    log = _logs(run)
+    assert info.get("JobState") == "COMPLETED", f"{info}\n{log}"
+    assert int(info["Restarts"]) >= 1, log
+    assert "committed and stopped; requeue 1" in log
+    direct = tmp_path / "direct"
+    p = _cli(slurm, "campaign", "run", run / "configs/campaign.yaml", "--run-dir", direct)
+    assert p.returncode == 0, p.stderr
+    _same_tree_arrays(run / "campaign/campaign.zarr", direct / "campaign.zarr")
+
+
+@pytest.mark.slurm
+def test_failing_stage_cancels_its_dependents(slurm, tmp_path):
+    bad = {**GENERATE, "model": {"name": "lorenz96", "size": 40, "dt": 0.9}}  # RK4 blows up
+    cfg = _submit_cfg(tmp_path, {"generate": (bad, {}), "train": (TRAIN, {}),
+                                 "campaign": (CAMPAIGN, {"signal_lead": 30})})
+    run = tmp_path / "run"
+    r = _cli(slurm, "submit", cfg, "--run-dir", run)
+    assert r.returncode == 0, r.stderr
+    jobs = _jobs(run)
+    info = _wait(slurm, jobs.values(), 300)
+    states = {s: info[j].get("JobState") for s, j in jobs.items()}
+    assert states == {"generate": "FAILED", "train": "CANCELLED", "campaign": "CANCELLED"}, \
+        f"{states}\n{_logs(run)}"
+    st = _cli(slurm, "status", run)
+    assert "FAILED" in st.stdout and st.stdout.count("CANCELLED") == 2
