@@ -101,7 +101,9 @@ class Twin:
                                 **obs.options)
         self.sigma = obs.sigma
         self.est_idx = [self.model.param_names.index(n) for n in cfg.parameters.estimate]
-        self.analysis = Analysis(self.op, self.sigma, len(self.est_idx), filter_spec(cfg))
+        # SDA (campaigns only) samples windows with a trained model: no ensemble analysis
+        self.analysis = (None if cfg.filter.method == "sda" else
+                         Analysis(self.op, self.sigma, len(self.est_idx), filter_spec(cfg)))
         self.truth_theta = self.model.truth_theta(1, cfg.model.params, dtype=self.dtype,
                                                   device=self.device)
 

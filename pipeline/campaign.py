@@ -22,6 +22,11 @@ their θ particles. Per cycle:
    ``checkpoints/cycle-KKKKKK/``; barrier; rank 0 replaces ``progress.json`` atomically (temp,
    fsync, rename); barrier.
 
+With ``filter.method: sda`` the analysis is the SDA posterior of a sliding window of the last L
+cycles' frames sampled with a trained window model (:mod:`pipeline.campaign_sda`): each rank
+samples its own fixed blocks of members, and checkpoints carry the window's observations.
+``campaign compare`` (:mod:`pipeline.campaign_compare`) puts runs on one truth side by side.
+
 Observations come from the twin run or, with ``observations: {path, variable, sigma}``, from a
 netCDF/Zarr file validated before anything is written (no truth then: truth metrics are NaN and
 ``rmse_obs_*`` measure the fit in observation space). Per cycle rank 0 records the seconds spent
@@ -63,6 +68,7 @@ from kernels.metrics import verification_fields
 from kernels.observe import check_observations
 from kernels.streams import generator
 from pipeline.assimilate import Twin, filter_spec, summary_lines
+from pipeline.campaign_sda import WindowFilter, block_members
 from pipeline.config import (
     CampaignConfig,
     ConfigError,
@@ -131,6 +137,8 @@ def hashed_config(cfg: CampaignConfig) -> dict[str, Any]:
         d.pop(k, None)
     if d.get("observations") is None:  # runs made before the key existed keep their hash
         d.pop("observations", None)
+    if d["filter"].get("sda") is None:  # likewise filter.sda (method sda only)
+        d["filter"].pop("sda", None)
     return d
 
 
@@ -459,10 +467,13 @@ class _Slice:
     ensemble: torch.Tensor  # (n_local, *state_shape)
     theta: torch.Tensor     # (n_local, P_all) natural space
     cycles_done: int
+    y_window: torch.Tensor | None = None  # (L, m) last L cycles' observations (method sda)
 
 
-def _load_checkpoint(run_dir: Path, k: int, members: range, twin: Twin) -> _Slice:
-    """Rows ``members`` of checkpoint ``k``, from whichever member files overlap them."""
+def _load_checkpoint(run_dir: Path, k: int, members: range, twin: Twin,
+                     y_rows: int = 0) -> _Slice:
+    """Rows ``members`` of checkpoint ``k``, from whichever member files overlap them (and,
+    with ``y_rows`` > 0, the observation window ``(y_rows, m)`` of method sda)."""
     d = _ckpt_dir(run_dir, k)
     if not d.is_dir():
         raise OutputError(f"{d}: checkpoint directory is missing")
@@ -470,6 +481,14 @@ def _load_checkpoint(run_dir: Path, k: int, members: range, twin: Twin) -> _Slic
     shape = tuple(twin.model.state_shape)
     if not isinstance(truth.get("truth"), torch.Tensor) or tuple(truth["truth"].shape) != (1, *shape):
         raise OutputError(f"{d / 'truth.pt'}: corrupt checkpoint (no truth of shape {(1, *shape)})")
+    y_window = None
+    if y_rows:
+        y_window = truth.get("y_window")
+        want = (y_rows, int(twin.op.m))
+        if not isinstance(y_window, torch.Tensor) or tuple(y_window.shape) != want:
+            raise OutputError(f"{d / 'truth.pt'}: corrupt checkpoint (no observation window of "
+                              f"shape {want})")
+        y_window = y_window.to(twin.dtype)
     files = sorted((int(m.group(1)), int(m.group(2)), p) for p in d.iterdir()
                    if (m := _CKPT_FILE.match(p.name)))
     ens: list[torch.Tensor] = []
@@ -496,13 +515,16 @@ def _load_checkpoint(run_dir: Path, k: int, members: range, twin: Twin) -> _Slic
     if nxt < members.stop:
         raise OutputError(f"{d}: incomplete checkpoint (no file holds member {nxt})")
     dtype = twin.dtype
-    return _Slice(truth["truth"].to(dtype), torch.cat(ens).to(dtype), torch.cat(th).to(dtype), k)
+    return _Slice(truth["truth"].to(dtype), torch.cat(ens).to(dtype), torch.cat(th).to(dtype), k,
+                  y_window)
 
 
-def _initial_slice(twin: Twin, members: range) -> _Slice:
-    """The state before cycle 0 for ``members`` only (the same numbers as ``Twin.run`` uses)."""
+def _initial_slice(twin: Twin, members: range, y_rows: int = 0) -> _Slice:
+    """The state before cycle 0 for ``members`` only (the same numbers as ``Twin.run`` uses);
+    with ``y_rows`` > 0 an empty observation window ``(y_rows, m)`` (method sda)."""
     st = twin.initial_state(members)
-    return _Slice(st.truth, st.ensemble, st.theta, 0)
+    y_window = (torch.zeros(y_rows, int(twin.op.m), dtype=twin.dtype) if y_rows else None)
+    return _Slice(st.truth, st.ensemble, st.theta, 0, y_window)
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,18 +573,31 @@ class Campaign:
     """One rank's view of a campaign in ``run_dir``."""
 
     def __init__(self, cfg: CampaignConfig, run_dir: Path, comm: Any,
-                 obs: ObservationFile | None = None) -> None:
+                 obs: ObservationFile | None = None, sda: WindowFilter | None = None) -> None:
         self.cfg, self.run_dir, self.comm = cfg, run_dir, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.members = member_slice(cfg.members, self.size, self.rank)
+        self.sda = sda
+        if sda is not None:  # whole sampler blocks per rank: samples independent of R
+            self.members = block_members(cfg.members, sda.batch, self.size, self.rank)
+        else:
+            self.members = member_slice(cfg.members, self.size, self.rank)
         self.twin = Twin(cfg)
         self.obs = obs
         if obs is not None and obs.sigma is not None:
             tw = self.twin
             tw.sigma = obs.sigma_for(tw)
-            tw.analysis = Analysis(tw.op, tw.sigma, len(tw.est_idx), filter_spec(cfg))
+            if tw.analysis is not None:
+                tw.analysis = Analysis(tw.op, tw.sigma, len(tw.est_idx), filter_spec(cfg))
         self.hash = config_hash(cfg)
         self.log = rank_logger(run_dir / LOGS, self.rank)
+
+    @property
+    def y_rows(self) -> int:
+        """Rows of the observation window a checkpoint carries (0: none, methods but sda)."""
+        return self.sda.window if self.sda is not None else 0
+
+    def initial_slice(self) -> _Slice:
+        return _initial_slice(self.twin, self.members, self.y_rows)
 
     def metric_keys(self) -> tuple[str, ...]:
         if self.obs is None:
@@ -599,7 +634,10 @@ class Campaign:
                 # a dir left by an uncommitted attempt (maybe with another R) starts afresh
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir(parents=True)
-                _save_tensors(d / "truth.pt", {"truth": st.truth.detach().cpu()})
+                obj = {"truth": st.truth.detach().cpu()}
+                if st.y_window is not None:
+                    obj["y_window"] = st.y_window.detach().cpu()
+                _save_tensors(d / "truth.pt", obj)
         with tm("comm"):
             self.comm.Barrier()
         if len(self.members):
@@ -691,6 +729,32 @@ class Campaign:
             _observation_space(twin, rec, ens_f_full, ens_a, y)
         return rec, ens_a[mine].clone(), theta_a[mine].clone()
 
+    def _analyse_sda(self, ens_f: torch.Tensor, y_window: torch.Tensor, y: torch.Tensor,
+                     theta: torch.Tensor, truth: torch.Tensor | None, c: int,
+                     tm: _Split) -> tuple[dict[str, Any] | None, torch.Tensor, torch.Tensor]:
+        """SDA window posterior: each rank samples its own member blocks (no communication);
+        rank 0 gathers forecast and analysis for the metrics."""
+        twin = self.twin
+        assert self.sda is not None
+        with tm("analysis"):
+            x, u = self.sda.sample(self.members, y_window, c, twin.sigma)
+        ens_a = x.to(ens_f)
+        theta_a = theta.clone()
+        if twin.est_idx:
+            theta_a[:, twin.est_idx] = twin._from_u(u.to(theta))
+        self._guard_analysis(ens_a, theta_a, c, tm)
+        with tm("comm"):
+            parts = self.comm.gather((ens_f.cpu().numpy(), ens_a.cpu().numpy(),
+                                      theta_a.cpu().numpy()), root=0)
+        rec = None
+        if self.rank == 0:
+            full = [torch.from_numpy(np.concatenate(a)).to(ens_f) for a in zip(*parts, strict=True)]
+            ens_f_full, ens_a_full, theta_full = full
+            with tm("analysis"):
+                rec = twin._record(truth, ens_f_full, ens_a_full, theta_full, y)
+                _observation_space(twin, rec, ens_f_full, ens_a_full, y)
+        return rec, ens_a, theta_a
+
     # -- main loop -------------------------------------------------------------------------
     def run(self, st: _Slice, prog: dict[str, Any]) -> int:
         cfg, twin, comm = self.cfg, self.twin, self.comm
@@ -721,17 +785,23 @@ class Campaign:
                             self.log.error("diverged: cycle %d member %d", c, f[0])
                             raise _diverged(c, f[0], r, f[1], "forecast", c)
                     y = twin.observe(truth, c) if y_file is None else y_file[c]
-                    z_loc = twin.augment(ens_f, st.theta)
                     t_flat = truth.reshape(-1) if obs is None else None
-                    if twin.analysis.distributable:
+                    y_window = None
+                    if self.sda is not None:
+                        assert st.y_window is not None
+                        # the window slides by one frame: the oldest observation drops out
+                        y_window = torch.cat([st.y_window[1:], y.reshape(1, -1).to(st.y_window)])
+                        rec, ens_a_mine, theta_a_mine = self._analyse_sda(
+                            ens_f, y_window, y, st.theta, t_flat, c, tm)
+                    elif twin.analysis.distributable:
                         rec, ens_a_mine, theta_a_mine = self._analyse_distributed(
-                            z_loc, ens_f, y, st.theta, t_flat, c, tm)
+                            twin.augment(ens_f, st.theta), ens_f, y, st.theta, t_flat, c, tm)
                     else:
                         rec, ens_a_mine, theta_a_mine = self._analyse_replicated(
-                            z_loc, y, st.theta, t_flat, c, tm)
+                            twin.augment(ens_f, st.theta), y, st.theta, t_flat, c, tm)
                     theta_rows = theta_a_mine[:, twin.est_idx].clone()
                     th_new = twin.roughen_theta(theta_a_mine.clone(), self.members, c)
-                    st = _Slice(truth, ens_a_mine, th_new, c + 1)
+                    st = _Slice(truth, ens_a_mine, th_new, c + 1, y_window)
                 seconds = time.perf_counter() - t0
                 # -- commit ------------------------------------------------------------------
                 with tm("io"):
@@ -802,6 +872,8 @@ def start(cfg: CampaignConfig, run_dir: str | Path, overwrite: bool = False,
     torch.set_num_threads(cfg.threads)
     # the observation file is validated on every rank before anything is written
     obs = agree(comm, lambda: load_observations(cfg, _n_obs(cfg)), _ERRORS)
+    # so is the trained model of method sda (shape, θ, frame spacing against the campaign)
+    sda = agree(comm, lambda: load_window_filter(cfg), _ERRORS)
 
     def create() -> None:
         if comm.Get_rank() != 0:
@@ -823,15 +895,16 @@ def start(cfg: CampaignConfig, run_dir: str | Path, overwrite: bool = False,
                    "started": _now(), "updated": _now(), "seconds_total": 0.0}
             if obs is not None:
                 rec["observations_digest"] = obs.digest
+            if sda is not None:
+                rec["sda_model_fingerprint"] = sda.fingerprint
             write_progress(run_dir, rec)
         except OSError as exc:
             raise OutputError(f"{run_dir}: cannot create the run directory "
                               f"({exc.strerror or exc})") from None
 
     agree(comm, create, _ERRORS)
-    camp = Campaign(cfg, run_dir, comm, obs)
-    st = _initial_slice(camp.twin, camp.members)
-    return camp.run(st, read_progress(run_dir))
+    camp = Campaign(cfg, run_dir, comm, obs, sda)
+    return camp.run(camp.initial_slice(), read_progress(run_dir))
 
 
 def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any = None) -> int:
@@ -843,7 +916,8 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
     comm = comm if comm is not None else world()
     run_dir = Path(run_dir)
 
-    def check() -> tuple[CampaignConfig, dict[str, Any], ObservationFile | None]:
+    def check() -> tuple[CampaignConfig, dict[str, Any], ObservationFile | None,
+                         WindowFilter | None]:
         cfg = read_run_config(run_dir)
         prog = read_progress(run_dir)
         if prog["config_hash"] != config_hash(cfg):
@@ -860,9 +934,14 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
         if obs is not None and prog.get("observations_digest") != obs.digest:
             raise OutputError(f"{obs.path}: the observations differ from those the run in "
                               f"{run_dir} started with; refusing to resume")
-        return cfg, prog, obs
+        sda = load_window_filter(cfg)
+        if sda is not None and prog.get("sda_model_fingerprint") != sda.fingerprint:
+            assert cfg.filter.sda is not None
+            raise OutputError(f"{cfg.filter.sda.model}: the SDA model differs from the one the "
+                              f"run in {run_dir} started with; refusing to resume")
+        return cfg, prog, obs, sda
 
-    cfg, prog, obs = agree(comm, check, _ERRORS)
+    cfg, prog, obs, sda = agree(comm, check, _ERRORS)
     torch.set_num_threads(cfg.threads)
     if comm.Get_rank() == 0 and config is not None:
         write_text_atomic(run_dir / CONFIG, dump(cfg))
@@ -871,12 +950,12 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
         if comm.Get_rank() == 0:
             print(f"campaign: {run_dir} is complete ({done}/{cfg.cycles} cycles)")
         return EXIT_DONE
-    camp = Campaign(cfg, run_dir, comm, obs)
+    camp = Campaign(cfg, run_dir, comm, obs, sda)
 
     def load() -> _Slice:
         if k == 0:
-            return _initial_slice(camp.twin, camp.members)
-        return _load_checkpoint(run_dir, k, camp.members, camp.twin)
+            return camp.initial_slice()
+        return _load_checkpoint(run_dir, k, camp.members, camp.twin, camp.y_rows)
 
     st = agree(comm, load, _ERRORS)
     comm.Barrier()
@@ -891,6 +970,18 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
     prog = {**prog, "resumed": int(prog.get("resumed", 0)) + 1}
     # cycles between the checkpoint and the last commit are redone: same numbers, same regions
     return camp.run(st, prog)
+
+
+def load_window_filter(cfg: CampaignConfig) -> WindowFilter | None:
+    """The checked SDA window model of ``filter.method: sda`` (None for other methods)."""
+    if cfg.filter.method != "sda":
+        return None
+    from kernels.observe import make_operator
+
+    o = cfg.observation
+    shape = tuple(cfg.model.build().state_shape)
+    op = make_operator(o.kind, shape, nonlinearity=o.nonlinearity, **o.options)
+    return WindowFilter(cfg, op, shape)
 
 
 def _n_obs(cfg: CampaignConfig) -> int:
@@ -1067,6 +1158,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     q = cs.add_parser("report", help="PNG plots and a markdown summary in the run directory")
     q.add_argument("run_dir")
     q.set_defaults(func=_cmd)
+    v = cs.add_parser("compare", help="runs on one truth side by side: one figure, one table",
+                      description="Check that the runs share the twin truth and observations "
+                                  "(refused otherwise), then draw RMSE/spread and θ with 90% "
+                                  "intervals of every run in one figure and write a table.")
+    v.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
+    v.add_argument("--out", required=True, help="directory for compare.png, compare.md, "
+                                                "compare.json")
+    v.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    v.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -1074,6 +1174,15 @@ def _cmd(args: argparse.Namespace) -> int:
     if action == "status":
         for line in status_lines(args.run_dir):
             print(line)
+        return 0
+    if action == "compare":
+        from pipeline.campaign_compare import compare
+
+        paths, lines = compare(args.run_dirs, args.out, overwrite=args.overwrite)
+        for line in lines:
+            print(line)
+        for path in paths:
+            print(f"wrote {path}")
         return 0
     if action == "report":
         for path in report(args.run_dir):

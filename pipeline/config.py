@@ -394,10 +394,44 @@ class EnSFConfig(Strict):
     ridge: Annotated[float, Field(ge=0)] = 1.0
 
 
+class SDAConfig(Strict):
+    """Predictor–corrector sampler of ``kernels.score.sda`` (docs/smooth.md)."""
+
+    steps: PosInt = 128                              # reverse-diffusion steps from t = 1 to 0
+    corrector: NonNegInt = 1                         # Langevin corrector steps per step (≥ 1:
+                                                     # without it composed sampling diverges)
+    tau: Annotated[float, Field(gt=0)] = 0.25        # corrector step-size factor
+    gamma: Annotated[float, Field(ge=0)] = 1.0       # likelihood variance σ_y² + γ s (σ_t/μ_t)²,
+                                                     # s = state variance (physical units)
+    ddim_eta: Annotated[float, Field(ge=0, le=1)] = 0.0  # 0 deterministic DDIM predictor, 1 ancestral
+
+
+class CampaignSDAConfig(SDAConfig):
+    """SDA as a campaign filter (docs/campaign.md): at cycle c the posterior of the window of
+    the last ``window`` cycles' frames (and θ) is sampled with the sampler settings above; the
+    members become the samples of the last frame. ``model`` (a `scoreda train` run directory) is
+    made absolute against the working directory when the config is read."""
+
+    model: str                                       # run directory of `scoreda train`
+    window: PosInt = 8                               # frames L per window (≥ the model's window)
+    batch: PosInt = 8                                # members per sampler batch: fixed global
+                                                     # blocks, so results do not depend on ranks
+    dtype: DType = "float32"                         # sampler precision (the net's own: float32)
+    static_theta: bool | None = None                 # one θ per window; null: from the training
+                                                     # store (its θ mode is not `walk`)
+
+    @field_validator("model")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return str(Path(v).expanduser().absolute())
+
+
 class FilterConfig(Strict):
     """The analysis method and its tuning."""
 
-    method: Literal["ensf", "letkf", "enkf"] = "letkf"
+    method: Literal["ensf", "letkf", "enkf", "sda"] = "letkf"
     inflation: Annotated[float, Field(ge=1)] = 1.0
     rtps: Annotated[float, Field(ge=0, le=1)] = 0.0
     radius: Annotated[float, Field(gt=0)] | None = None
@@ -405,6 +439,17 @@ class FilterConfig(Strict):
     # columns per block of the distributed EnSF analysis (paired/gaussian) and of its regression
     # sums; results are identical for any rank count at a fixed value
     column_chunk: Annotated[int, Field(ge=1)] = 16384
+    # method sda (campaigns only): the trained window model and the sliding-window sampler
+    sda: CampaignSDAConfig | None = None
+
+    @model_validator(mode="after")
+    def _sda(self) -> FilterConfig:
+        if self.method == "sda" and self.sda is None:
+            raise _field_error(("sda",), "method sda needs filter.sda (at least model: a "
+                                         "`scoreda train` run directory)")
+        if self.method != "sda" and self.sda is not None:
+            raise _field_error(("sda",), f"only used with method sda (method is {self.method})")
+        return self
 
 
 class InitialEnsembleConfig(Strict):
@@ -473,6 +518,9 @@ class AssimilateConfig(Strict):
             make_operator(obs.kind, model.state_shape, nonlinearity=obs.nonlinearity, **obs.options)
         except ValueError as exc:
             raise _field_error(("observation", "options"), str(exc)) from None
+        if self.filter.method == "sda" and self.stage == "assimilate":
+            raise _field_error(("filter", "method"), "sda runs as a sliding-window filter only "
+                                                     "in `scoreda campaign` (stage: campaign)")
         if self.filter.method == "letkf" and self.members < 3:
             raise _field_error(("members",), "LETKF needs at least 3 members")
         return self
@@ -597,18 +645,6 @@ STAGES["train"] = TrainConfig
 
 # --------------------------------------------------------------------------------------------
 # smooth: SDA posterior sampling of a trajectory window and θ (pipeline/smooth.py)
-class SDAConfig(Strict):
-    """Predictor–corrector sampler of ``kernels.score.sda`` (docs/smooth.md)."""
-
-    steps: PosInt = 128                              # reverse-diffusion steps from t = 1 to 0
-    corrector: NonNegInt = 1                         # Langevin corrector steps per step (≥ 1:
-                                                     # without it composed sampling diverges)
-    tau: Annotated[float, Field(gt=0)] = 0.25        # corrector step-size factor
-    gamma: Annotated[float, Field(ge=0)] = 1.0       # likelihood variance σ_y² + γ s (σ_t/μ_t)²,
-                                                     # s = state variance (physical units)
-    ddim_eta: Annotated[float, Field(ge=0, le=1)] = 0.0  # 0 deterministic DDIM predictor, 1 ancestral
-
-
 class SmoothConfig(Strict):
     """``scoreda smooth``: posterior samples of a whole trajectory window and θ, given noisy
     observations of a held-out (test-split) trajectory of a store, with a trained window model."""
