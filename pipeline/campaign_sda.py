@@ -155,7 +155,8 @@ class WindowFilter:
         self.n_params = len(spec["params"])
         self.frame_shape = (int(spec["channels"]), *(int(v) for v in spec["spatial"]))
         self.settings = SDASettings(steps=s.steps, corrector=s.corrector, tau=s.tau,
-                                    gamma=s.gamma, ddim_eta=s.ddim_eta)
+                                    gamma=s.gamma, ddim_eta=s.ddim_eta,
+                                    theta_clip=s.theta_clip)
         self.eps = trajectory_eps(self.den.eps, int(spec["window"]), static_theta=self.static_theta)
         # (σ_t/μ_t)² is a variance in normalised units and y is physical: γ is scaled by the
         # state's physical variance so that it keeps its meaning (as in `scoreda smooth`)

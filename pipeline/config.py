@@ -404,6 +404,8 @@ class SDAConfig(Strict):
     gamma: Annotated[float, Field(ge=0)] = 1.0       # likelihood variance σ_y² + γ s (σ_t/μ_t)²,
                                                      # s = state variance (physical units)
     ddim_eta: Annotated[float, Field(ge=0, le=1)] = 0.0  # 0 deterministic DDIM predictor, 1 ancestral
+    theta_clip: Annotated[float, Field(gt=0)] | None = 4.0  # |denoised θ| ≤ this many training
+                                                     # stds from the training mean (null: none)
 
 
 class CampaignSDAConfig(SDAConfig):

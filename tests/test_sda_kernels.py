@@ -289,7 +289,8 @@ def test_make_window_observe_decodes_and_selects():
     [({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"), ({"corrector": -1}, "corrector"),
      ({"corrector": True}, "corrector"), ({"tau": 0.0}, "tau"), ({"tau": math.inf}, "tau"),
      ({"gamma": -1e-3}, "gamma"), ({"gamma": math.nan}, "gamma"), ({"ddim_eta": 1.5}, "ddim_eta"),
-     ({"noise_block": 0}, "noise_block")],
+     ({"noise_block": 0}, "noise_block"), ({"theta_clip": 0.0}, "theta_clip"),
+     ({"theta_clip": math.inf}, "theta_clip")],
 )
 def test_settings_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field} must"):
@@ -301,6 +302,23 @@ def test_sampler_argument_checks():
         sample_posterior(ar1_eps(), SCHED, (4, 1, 1), 0, _gens(2), observe=lambda s, p: s[:, 0, 0])
     with pytest.raises(ValueError, match="generator"):
         sample_posterior(ar1_eps(), SCHED, (4, 1, 1), 0, [])
+
+
+def test_theta_clip_bounds_the_denoised_theta_and_leaves_the_state():
+    """A denoiser whose θ estimate runs off (x̂₀(θ) = 50) ends there without theta_clip and at
+    the bound with it."""
+    def eps(xs, xt, t):
+        mu, sig = SCHED.mu(t[0]).to(xs), SCHED.sigma(t[0]).to(xs)
+        return xs * sig, (xt - mu * 50.0) / sig  # x̂₀(state) = (1 − σ²) x/μ, x̂₀(θ) = 50
+
+    runs = {}
+    for clip in (None, 2.0):
+        runs[clip] = sample_posterior(eps, SCHED, (4, 1, 3), 2, _gens(8),
+                                      SDASettings(steps=32, corrector=1, theta_clip=clip), dtype=F64)
+    (_, xt0), (xs2, xt2) = runs[None], runs[2.0]
+    assert float(xt0.min()) > 40  # unclipped: the runaway value
+    assert float(xt2.abs().max()) <= 2.0 + 0.05
+    assert torch.isfinite(xs2).all() and torch.isfinite(xt2).all()
 
 
 # the AR(1) assimilation problem: L = 12, 4 sites, observations of times 1, 5, 10 with σ_y = 0.3
