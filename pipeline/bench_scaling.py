@@ -13,16 +13,16 @@ Each array task (``SLURM_ARRAY_TASK_ID`` = index into ``bench.ranks``) runs at i
 
 It writes ``RUN/bench/ranks-R.json``. The gather job (``afterany`` of the array) writes
 ``scaling.json``, ``scaling.md`` (measured table + the model's extrapolation to 1024 ranks) and
-``scaling.png``. The model, stated in docs/benchmarks.md:
+``scaling.png``. The model, stated in docs/benchmarks.md, for either workload:
 
-    campaign  t(R) = (forecast₁ + analysis₁)·n/R + io₁ + other₁ + (R−1)·λ + V(R)/β,
-              V(R) = 2·(n/R)·D·b·(R−1)/R  (two all-to-all transposes of the rank's members)
-    train     t(R) = compute₁·B/R + data₁·B/R + 2·log₂R·λ + 2·(R−1)/R·P·4/β  (ring all-reduce)
+    t(R) = c₁ · W/R + s₁ · W + κ · log₂R        W = 1 (strong) or R (weak)
 
-with n the members (weak: n₁·R), D the augmented state size, b bytes per value, B the global
-batch, P the parameter count, λ and β the probe's latency and bandwidth. Every input is measured
-in the sweep; the extrapolation is only as good as the probe's λ and β are for the target
-network (on one node they are shared-memory figures).
+c₁ is the parallel work at R = 1 (campaign: forecast + analysis; training: the whole step), s₁
+the serial part (campaign: rank 0's io + other; training: none), κ the communication cost per
+doubling of R, taken at the smallest measured R > 1 (campaign: its own ``comm`` phase; training:
+t(R) − c₁·W/R) — collectives of tree / recursive-doubling shape cost ∝ log₂R in latency. With
+only R = 1, 2 measured the model reproduces them by construction; more rank counts (a cluster
+sweep) test it. The MPI probe is reported beside it as the network's floor.
 """
 
 from __future__ import annotations
@@ -173,24 +173,30 @@ def run_array_task(run_dir: Path, sub: SubmitConfig, scoreda: str,
 
 # ------------------------------------------------------------------------------------------------
 # the model
-def campaign_model(one: dict[str, float], members1: int, state: int, nbytes: int,
-                   lat: float, bw: float, ranks: int, weak: bool) -> float:
-    """Seconds per cycle at ``ranks`` from the R = 1 split (module docstring)."""
-    n = members1 * (ranks if weak else 1)
-    scale = n / members1
-    compute = (one["forecast"] + one["analysis"]) * scale / ranks
-    serial = one["io"] + one.get("other", 0.0)
-    volume = 2 * (n / ranks) * state * nbytes * (ranks - 1) / ranks
-    return compute + serial + (ranks - 1) * lat + volume / bw
+def model_time(c1: float, s1: float, kappa: float, ranks: int, weak: bool) -> float:
+    """Seconds per cycle / step at ``ranks`` (module docstring)."""
+    w = ranks if weak else 1
+    return c1 * w / ranks + s1 * w + kappa * math.log2(ranks)
 
 
-def train_model(one: dict[str, float], batch1: int, params: int, lat: float, bw: float,
-                ranks: int, weak: bool) -> float:
-    """Seconds per step at ``ranks`` from the R = 1 rates (module docstring)."""
-    batch = batch1 * (ranks if weak else 1)
-    per_sample = (one["compute_s_per_step"] + one["data_s_per_step"]) / batch1
-    comm = (2 * math.log2(ranks) * lat + 2 * (ranks - 1) / ranks * params * 4 / bw) if ranks > 1 else 0.0
-    return per_sample * batch / ranks + comm
+def model_inputs(kind: str, mode: str, recs: dict[int, dict[str, Any]]) -> tuple[float, float, float, int]:
+    """``(c₁, s₁, κ, R_κ)`` of one workload from the measurements (module docstring)."""
+    one = recs[1][kind][mode]
+    if kind == "campaign":
+        c1, s1 = one["forecast"] + one["analysis"], one["io"] + one.get("other", 0.0)
+    else:
+        c1, s1 = one["batch"] / one["samples_per_s"], 0.0
+    more = sorted(r for r in recs if r > 1 and mode in recs[r].get(kind, {}))
+    if not more:
+        return c1, s1, 0.0, 1
+    rk = more[0]
+    m = recs[rk][kind][mode]
+    w = rk if mode == "weak" else 1
+    if kind == "campaign":
+        comm = m["comm"]
+    else:
+        comm = m["batch"] / m["samples_per_s"] - c1 * w / rk
+    return c1, s1, max(comm, 0.0) / math.log2(rk), rk
 
 
 def gather(bench_dir: Path) -> dict[str, Any]:
@@ -202,67 +208,56 @@ def gather(bench_dir: Path) -> dict[str, Any]:
     if 1 not in recs:
         raise RuntimeError(f"{bench_dir}: no R = 1 measurement (ranks-1.json): nothing to scale from")
     probes = [r["probe"] for r in recs.values() if "probe" in r]
-    # the probe at the largest measured R stands for the network (latency grows with R at worst)
-    pr = max(probes, key=lambda q: q["ranks"]) if probes else {"latency_s": 0.0, "bandwidth_Bps": math.inf}
-    lat, bw = float(pr["latency_s"]), float(pr["bandwidth_Bps"])
+    pr = max(probes, key=lambda q: q["ranks"]) if probes else None
     one = recs[1]
+    work = [(k, m) for k in ("campaign", "train") for m in ("strong", "weak") if m in one.get(k, {})]
+    inputs = {f"{k}_{m}": model_inputs(k, m, recs) for k, m in work}
     rows: list[dict[str, Any]] = []
     lines = ["| what | R | measured | model | efficiency (measured) |", "|---|---|---|---|---|"]
-    for kind in ("campaign", "train"):
-        for mode in ("strong", "weak"):
-            if mode not in one.get(kind, {}):
+    for kind, mode in work:
+        c1, s1, kappa, _ = inputs[f"{kind}_{mode}"]
+        weak = mode == "weak"
+        base = one[kind][mode]
+        t1 = base["wall"] if kind == "campaign" else base["batch"] / base["samples_per_s"]
+        for rk in sorted(recs):
+            m = recs[rk].get(kind, {}).get(mode)
+            if m is None:
                 continue
-            base = one[kind][mode]
-            for rk in sorted(recs):
-                m = recs[rk].get(kind, {}).get(mode)
-                if m is None:
-                    continue
-                if kind == "campaign":
-                    meas = m["wall"]
-                    mod = campaign_model(base, base["members"], base["state"], base["bytes"],
-                                         lat, bw, rk, mode == "weak")
-                    t1 = base["wall"]
-                    eff = t1 / (rk * meas) if mode == "strong" else t1 / meas
-                else:
-                    meas = m["batch"] / m["samples_per_s"]
-                    mod = train_model(base, base["batch"], base["params"], lat, bw, rk, mode == "weak")
-                    t1 = base["batch"] / base["samples_per_s"]
-                    eff = t1 / (rk * meas) if mode == "strong" else t1 / meas
-                rows.append({"kind": kind, "mode": mode, "ranks": rk, "measured_s": meas,
-                             "model_s": mod, "efficiency": eff})
-                lines.append(f"| {kind} {mode} | {rk} | {meas * 1e3:.1f} ms | {mod * 1e3:.1f} ms "
-                             f"| {eff:.2f} |")
-    ext = ["", "Extrapolation (model, efficiency = t₁/(R·t_R) strong, t₁/t_R weak):", "",
-           "| R | " + " | ".join(f"{k} {m}" for k in ("campaign", "train") for m in ("strong", "weak")
-                                 if m in one.get(k, {})) + " |",
-           "|---|" + "---|" * sum(m in one.get(k, {}) for k in ("campaign", "train")
-                                  for m in ("strong", "weak"))]
+            meas = m["wall"] if kind == "campaign" else m["batch"] / m["samples_per_s"]
+            mod = model_time(c1, s1, kappa, rk, weak)
+            eff = t1 / meas if weak else t1 / (rk * meas)
+            rows.append({"kind": kind, "mode": mode, "ranks": rk, "measured_s": meas,
+                         "model_s": mod, "efficiency": eff})
+            lines.append(f"| {kind} {mode} | {rk} | {meas * 1e3:.1f} ms | {mod * 1e3:.1f} ms "
+                         f"| {eff:.2f} |")
+    ext = ["", "Model inputs (c₁ parallel, s₁ serial, κ per doubling; seconds):", ""]
+    ext += [f"- {key}: c₁ = {c1:.4g}, s₁ = {s1:.4g}, κ = {kappa:.4g} (from R = {rk})"
+            for key, (c1, s1, kappa, rk) in inputs.items()]
+    ext += ["", "Extrapolation (model; efficiency t₁/(R·t_R) strong, t₁/t_R weak):", "",
+            "| R | " + " | ".join(f"{k} {m}" for k, m in work) + " |",
+            "|---|" + "---|" * len(work)]
     extrap: dict[str, list[float]] = {}
     for rk in EXTRAPOLATE:
         cells = []
-        for kind in ("campaign", "train"):
-            for mode in ("strong", "weak"):
-                if mode not in one.get(kind, {}):
-                    continue
-                base = one[kind][mode]
-                weak = mode == "weak"
-                if kind == "campaign":
-                    args = (base, base["members"], base["state"], base["bytes"], lat, bw)
-                    t1, tr = campaign_model(*args, 1, weak), campaign_model(*args, rk, weak)
-                else:
-                    targs = (base, base["batch"], base["params"], lat, bw)
-                    t1, tr = train_model(*targs, 1, weak), train_model(*targs, rk, weak)
-                eff = t1 / (rk * tr) if not weak else t1 / tr
-                extrap.setdefault(f"{kind}_{mode}", []).append(eff)
-                cells.append(f"{eff:.2f}")
+        for kind, mode in work:
+            c1, s1, kappa, _ = inputs[f"{kind}_{mode}"]
+            weak = mode == "weak"
+            t1, tr = model_time(c1, s1, kappa, 1, weak), model_time(c1, s1, kappa, rk, weak)
+            eff = t1 / tr if weak else t1 / (rk * tr)
+            extrap.setdefault(f"{kind}_{mode}", []).append(eff)
+            cells.append(f"{eff:.2f}")
         ext.append(f"| {rk} | " + " | ".join(cells) + " |")
-    result = {"ranks": sorted(recs), "latency_s": lat, "bandwidth_Bps": bw, "rows": rows,
+    result = {"ranks": sorted(recs), "probe": pr, "rows": rows,
+              "inputs": {k: dict(zip(("c1", "s1", "kappa", "from_ranks"), v, strict=True))
+                         for k, v in inputs.items()},
               "extrapolate_ranks": EXTRAPOLATE, "extrapolated_efficiency": extrap,
               "floors": {k: v["floors"] for k, v in recs.items()}}
+    probe_txt = (f"MPI probe at R = {pr['ranks']}: latency {pr['latency_s'] * 1e6:.1f} µs, "
+                 f"all-to-all bandwidth {pr['bandwidth_Bps'] / 1e9:.2f} GB/s per rank; "
+                 if pr else "no MPI probe (R = 1 only); ")
     head = [f"# Scaling sweep ({', '.join(map(str, sorted(recs)))} ranks)", "",
-            f"Probe: latency {lat * 1e6:.1f} µs, bandwidth {bw / 1e9:.2f} GB/s per rank; floors at "
-            f"R = 1: memory {one['floors']['memory_bandwidth_GBps']:.1f} GB/s, SGEMM "
-            f"{one['floors']['sgemm_GFLOPs']:.1f} GFLOP/s.", ""]
+            probe_txt + f"floors at R = 1: memory {one['floors']['memory_bandwidth_GBps']:.1f} "
+            f"GB/s, SGEMM {one['floors']['sgemm_GFLOPs']:.1f} GFLOP/s.", ""]
     write_text_atomic(bench_dir / "scaling.json", json.dumps(result, indent=1))
     write_text_atomic(bench_dir / "scaling.md", "\n".join(head + lines + ext) + "\n")
     _plot(bench_dir / "scaling.png", rows, extrap)

@@ -304,3 +304,27 @@ def test_failing_stage_cancels_its_dependents(slurm, tmp_path):
         f"{states}\n{_logs(run)}"
     st = _cli(slurm, "status", run)
     assert "FAILED" in st.stdout and st.stdout.count("CANCELLED") == 2
+
+
+@pytest.mark.slurm
+def test_bench_sweep_runs_as_an_array_and_gathers(slurm, tmp_path):
+    cfg = _write(tmp_path / "submit.yaml", {
+        "stage": "submit", "site": {"time": "00:10:00"},
+        "bench": {"suites": ["campaign"], "ranks": [1, 2], "quick": True, "repeats": 1}})
+    run = tmp_path / "run"
+    r = _cli(slurm, "submit", cfg, "--run-dir", run)
+    assert r.returncode == 0, r.stderr
+    jobs = _jobs(run)
+    assert list(jobs) == ["bench", "bench_gather"]
+    info = _wait(slurm, jobs.values(), 600)
+    assert {i.get("JobState") for i in info.values()} == {"COMPLETED"}, _logs(run)
+    assert "--array=0-1" in (run / "jobs" / "bench.sbatch").read_text()
+    res = json.loads((run / "bench" / "scaling.json").read_text())
+    assert res["ranks"] == [1, 2] and res["probe"]["ranks"] == 2
+    assert {(row["kind"], row["mode"], row["ranks"]) for row in res["rows"]} == {
+        ("campaign", m, rk) for m in ("strong", "weak") for rk in (1, 2)}
+    assert len(res["extrapolated_efficiency"]["campaign_strong"]) == len(res["extrapolate_ranks"])
+    assert res["extrapolate_ranks"][-1] == 1024
+    assert (run / "bench" / "scaling.png").stat().st_size > 0
+    table = (run / "bench" / "scaling.md").read_text()
+    assert "| campaign strong | 2 |" in table and "| 1024 |" in table
