@@ -192,12 +192,22 @@ def _stage_configs(sub: SubmitConfig, run_dir: Path, stages: list[str]) -> dict[
             data["out"] = str(run_dir / STORE)
         elif stage == "train" and "generate" in stages:
             data["store"] = str(run_dir / STORE)
+        elif (stage == "campaign" and "train" in stages
+              and (data.get("filter") or {}).get("method") == "sda"):
+            # SDA as the campaign's filter samples with the model this chain trains
+            data["filter"] = {**data["filter"], "sda": {**(data["filter"].get("sda") or {}),
+                                                        "model": str(run_dir / "train")}}
         cfg = validate(data, _schema(stage), f"{stage}.config ({path})")
         if stage == "train" and "generate" not in stages:
             store = Path(cfg.store)  # type: ignore[attr-defined]
             if not store.exists():
                 raise ConfigError(f"{stage}.config: store {store} does not exist and no generate "
                                   f"stage makes it")
+        sda = getattr(getattr(cfg, "filter", None), "sda", None)
+        if stage == "campaign" and sda is not None and "train" not in stages \
+                and not (Path(sda.model) / "model.pt").exists():
+            raise ConfigError(f"{stage}.config: filter.sda.model {sda.model} has no model.pt and "
+                              f"no train stage makes it")
         out[stage] = cfg.model_dump(mode="json")
     return out
 

@@ -328,3 +328,22 @@ def test_bench_sweep_runs_as_an_array_and_gathers(slurm, tmp_path):
     assert (run / "bench" / "scaling.png").stat().st_size > 0
     table = (run / "bench" / "scaling.md").read_text()
     assert "| campaign strong | 2 |" in table and "| 1024 |" in table
+
+
+def test_chain_paths_are_wired_into_the_stage_configs(tmp_path):
+    from pipeline.submit import _stage_configs
+
+    sub = validate({"stage": "submit", "generate": {"config": "generate_demo_l96"},
+                    "train": {"config": "train_demo"}, "campaign": {"config": "campaign_l96_sda"}},
+                   SubmitConfig, "x")
+    assert isinstance(sub, SubmitConfig)
+    out = _stage_configs(sub, tmp_path, ["generate", "train", "campaign"])
+    assert out["generate"]["out"] == str(tmp_path / "data.zarr")
+    assert out["train"]["store"] == str(tmp_path / "data.zarr")
+    assert out["campaign"]["filter"]["sda"]["model"] == str(tmp_path / "train")
+    data = yaml.safe_load((ROOT / "pipeline/configs/campaign_l96_sda.yaml").read_text())
+    data["filter"]["sda"]["model"] = str(tmp_path / "nosuch")
+    conf = _write(tmp_path / "c.yaml", data)
+    bad = validate({"stage": "submit", "campaign": {"config": str(conf)}}, SubmitConfig, "x")
+    with pytest.raises(ConfigError, match="filter.sda.model .* no train stage makes it"):
+        _stage_configs(bad, tmp_path, ["campaign"])
