@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from importlib import import_module
 from pathlib import Path
 
-from pipeline.config import ConfigError
-
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
@@ -92,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _simulate_config(args: argparse.Namespace):
-    from pipeline.config import SimulateConfig, load_yaml, resolve_config_path, validate
+    from pipeline.config import ConfigError, SimulateConfig, load_yaml, resolve_config_path, validate
 
     if args.config:
         path = resolve_config_path(args.config)
@@ -186,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline import catch_early_usr1
 
     catch_early_usr1()  # first: SLURM's USR1 can come while torch is still being imported
+    from pipeline.config import ConfigError  # (imports torch: this module's top stays light)
+
     parser = build_parser()
     args = parser.parse_args(argv)
     from pipeline.simulate import DivergenceError

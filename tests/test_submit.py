@@ -347,3 +347,43 @@ def test_chain_paths_are_wired_into_the_stage_configs(tmp_path):
     bad = validate({"stage": "submit", "campaign": {"config": str(conf)}}, SubmitConfig, "x")
     with pytest.raises(ConfigError, match="filter.sda.model .* no train stage makes it"):
         _stage_configs(bad, tmp_path, ["campaign"])
+
+
+def test_job_passes_an_early_usr1_on_and_the_rerun_resumes_training(tmp_path, make_l96_store):
+    """`scoreda job train` outside SLURM: a USR1 that arrives at once (as SLURM may send it) is
+    held and passed on; training stops with exit 3 and a second `scoreda job` resumes it to the
+    same weights as an uninterrupted run."""
+    import signal
+
+    import torch
+
+    store = make_l96_store(tmp_path / "s.zarr", 40, 16, 32)
+    run = tmp_path / "run"
+    (run / "configs").mkdir(parents=True)
+    _write(run / "submit.yaml", {"stage": "submit", "train": {"config": "unused"}})
+    _write(run / "configs" / "train.yaml", {**TRAIN, "store": str(store), "steps": 200,
+                                            "checkpoint_every": 100, "validate_every": 200})
+    env = {**os.environ, "SCOREDA_NO_PROGRESS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("SLURM_JOB_ID", None)
+    p = subprocess.Popen([*SCOREDA, "job", "train", str(run)], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)  # the job's CLI is up (it records USR1 from its first line), torch may not be
+    p.send_signal(signal.SIGUSR1)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 3, out
+    assert "SIGUSR1 → stage" in out and "stopped by signal" in out
+    assert "run it again to resume" in out
+    step = json.loads((run / "train" / "progress.json").read_text())["step"]
+    assert 0 < step < 200
+    again = subprocess.run([*SCOREDA, "job", "train", str(run)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "train --resume" in again.stdout
+    direct = subprocess.run([*SCOREDA, "train", str(run / "configs" / "train.yaml"), "--run-dir",
+                             str(tmp_path / "direct")], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert direct.returncode == 0, direct.stderr
+    wa = torch.load(run / "train" / "model.pt", weights_only=True)["ema"]
+    wb = torch.load(tmp_path / "direct" / "model.pt", weights_only=True)["ema"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
