@@ -5,6 +5,7 @@ It grows with the pipeline: each stage that lands adds its step here.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -50,12 +51,73 @@ def _train_on_two_processes(store: Path, run_dir: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
+def _free_port_pair() -> int:
+    """A port p with p + 1 also free (slurmctld, slurmd)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("", 0))
+            port = a.getsockname()[1]
+        if port < 65000:
+            with socket.socket() as b:
+                try:
+                    b.bind(("", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for the local SLURM")
+
+
+def _slurm_chain(out: Path) -> None:
+    """``scoreda submit submit_local``: generate → train → campaign as chained jobs on a local
+    single-node SLURM started (and stopped) just for this, by PID, in ``out/slurm``."""
+    import os
+    import shutil
+
+    from pipeline.submit import TERMINAL, job_info, status_lines
+
+    script = Path(__file__).resolve().parents[1] / "env" / "slurm.sh"
+    if shutil.which("slurmctld") is None or not script.exists():
+        _say("slurm: slurm-wlm is not installed (env/setup.sh installs it); step skipped")
+        return
+    state, run = (out / "slurm").absolute(), (out / "chain").absolute()
+    env = {**os.environ, "SCOREDA_SLURM_DIR": str(state),
+           "SCOREDA_SLURM_PORT": str(_free_port_pair()), "SCOREDA_SLURM_CRED_EXPIRE": "5"}
+    subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True)  # a stale one
+    subprocess.run(["bash", str(script), "start"], env=env, check=True, capture_output=True)
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = env["SLURM_CONF"]
+    try:
+        shutil.rmtree(run, ignore_errors=True)
+        _say("slurm: submit generate → train → campaign as chained jobs (submit_local)")
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "submit_local",
+                        "--run-dir", str(run)], env=env, check=True)
+        ids = [j["job_id"] for j in json.loads((run / "jobs.json").read_text())["jobs"]]
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            states = [r.get("JobState") for j in ids for r in job_info(j)]
+            if len(states) == len(ids) and all(s in TERMINAL for s in states):
+                break
+            time.sleep(2)
+        for line in status_lines(run):
+            _say(f"slurm: {line}")
+        _say(f"wrote {run} (jobs/*.sbatch, logs/, data.zarr, train/, campaign/)")
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True)
+
+
 def run_demo(out: Path) -> None:
     """Simulate a Kolmogorov flow and a Lorenz-96 ensemble, plot them, generate a small sharded
     trajectory store, run a Lorenz-96 twin experiment that estimates F, and the same as a 2-rank
     restartable campaign with its report, train a Lorenz-96 score network of (state, F) with
-    DDP on 2 processes and smooth a held-out window with it (SDA, θ included); all into
-    ``out``."""
+    DDP on 2 processes and smooth a held-out window with it (SDA, θ included), then submit
+    generate → train → campaign as chained jobs to a local SLURM; all into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -122,4 +184,6 @@ def run_demo(out: Path) -> None:
     for line in smooth_summary(met):
         _say(line)
     _say(f"wrote {out / 'smooth_l96'} (states.png, theta.png, summary.md)")
+
+    _slurm_chain(out)
     _say(f"done in {time.perf_counter() - t0:.1f} s")

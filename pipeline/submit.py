@@ -58,6 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ORDER = ("generate", "train", "campaign", "bench")
 SUBMIT, JOBS, STORE = "submit.yaml", "jobs.json", "data.zarr"
 EXIT_REQUEUE = 3  # a stage stopped after a commit/checkpoint and is not finished
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
 
 # ------------------------------------------------------------------------------------------------
