@@ -814,3 +814,219 @@ class SubmitConfig(Strict):
 
 
 STAGES["submit"] = SubmitConfig
+
+
+# --------------------------------------------------------------------------------------------
+# surrogate: ML surrogates with EnSF / EnKF-corrected roll-outs and retraining (pipeline/surrogate.py)
+class SurrogateDataConfig(Strict):
+    """True trajectories made in-process from ``kernels.dynamics`` (cheap for the 1-D models).
+
+    Training trajectory ``j`` starts from the stream ``(seed, "train", j)``, test trajectory
+    (trial) ``i`` from ``(seed, "test", i)``: independent random starts, each spun up onto the
+    attractor, so the truth of a trial is never a training trajectory.
+    """
+
+    trajectories: PosInt = 16                    # training trajectories
+    frames: Annotated[int, Field(ge=2)] = 1000   # saved frames per training trajectory
+    save_every: PosInt = 5                       # model steps per saved frame (= one surrogate step)
+    spinup: NonNegInt = 1000                     # model steps discarded before the first frame
+    seed: NonNegInt = 0
+
+
+class RegimeConfig(Strict):
+    """Which training data the surrogate gets.
+
+    ``accurate``: every trajectory, clean. ``noisy``: every trajectory plus N(0, noise_std²) on
+    every frame (inputs and targets alike, stream ``(seed, "target-noise", j)``).
+    ``insufficient``: only ``trajectories`` trajectories, the first ``frames`` frames of each,
+    and/or ``steps`` optimiser steps (few epochs).
+    """
+
+    kind: Literal["accurate", "noisy", "insufficient"] = "accurate"
+    noise_std: Annotated[float, Field(ge=0)] = 0.0
+    trajectories: PosInt | None = None
+    frames: Annotated[int, Field(ge=2)] | None = None
+    steps: PosInt | None = None
+
+    @model_validator(mode="after")
+    def _regime(self) -> RegimeConfig:
+        if self.kind == "noisy" and self.noise_std == 0:
+            raise _field_error(("noise_std",), "must be > 0 for kind 'noisy'")
+        if self.kind != "noisy" and self.noise_std != 0:
+            raise _field_error(("noise_std",), f"only used with kind 'noisy' (kind is {self.kind!r})")
+        limits = (self.trajectories, self.frames, self.steps)
+        if self.kind == "insufficient" and all(v is None for v in limits):
+            raise _field_error(("kind",), "'insufficient' needs trajectories, frames or steps")
+        if self.kind != "insufficient" and any(v is not None for v in limits):
+            raise _field_error(("trajectories",), "trajectories/frames/steps limit the data only "
+                               f"with kind 'insufficient' (kind is {self.kind!r})")
+        return self
+
+
+class SurrogateNetworkConfig(Strict):
+    """``kernels.surrogate.build_surrogate(kind, history, **options)``."""
+
+    kind: Literal["conv", "mlp"] = "conv"
+    history: PosInt = 2                          # past frames the network reads
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SurrogateTrainingConfig(Strict):
+    """AdamW with cosine decay; the global batch is reduced in a fixed order (docs/surrogate.md)."""
+
+    steps: PosInt = 3000
+    batch_size: PosInt = 128                     # global batch
+    chunks: PosInt = 4                           # fixed sub-batches: at most this many ranks share
+                                                 # a step, and 1..chunks ranks give equal weights
+    lr: Annotated[float, Field(gt=0)] = 2e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup: NonNegInt = 100
+    unroll: PosInt = 1                           # roll-out length of the loss
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+
+    @model_validator(mode="after")
+    def _chunks(self) -> SurrogateTrainingConfig:
+        if self.chunks > self.batch_size:
+            raise _field_error(("chunks",), f"{self.chunks} is more than batch_size ({self.batch_size})")
+        return self
+
+
+class SurrogateObservationConfig(Strict):
+    """One observation network of the filtered roll-out (``kernels.observe.make_operator``)."""
+
+    kind: Literal["identity", "every_kth", "random_mask", "coarse_pool"] = "identity"
+    options: dict[str, Any] = Field(default_factory=dict)
+    nonlinearity: Literal["arctan", "saturation"] | None = "arctan"
+    sigma: Annotated[float, Field(gt=0)] = 0.05
+
+
+class SurrogateFilterConfig(FilterConfig):
+    """An analysis of the filtered roll-out: ``filter`` keys of ``assimilate``, with defaults of
+    ``kernels.surrogate.default_filter`` (inflation 1.05), plus additive model noise."""
+
+    method: Literal["ensf", "letkf", "enkf"] = "ensf"
+    inflation: Annotated[float, Field(ge=1)] = 1.05
+    additive_std: Annotated[float, Field(ge=0)] = 0.0   # N(0, std²) added to every forecast
+
+
+class SurrogateRolloutConfig(Strict):
+    """Evaluation: plain and filtered roll-outs of held-out truths, ``trials`` times."""
+
+    trials: Annotated[int, Field(ge=1)] = 5
+    horizon: PosInt = 200                        # surrogate steps after the true initial window
+    score_from: NonNegInt | None = None          # long-horizon RMSE = mean over leads ≥ this
+                                                 # (null: horizon // 2)
+    members: Annotated[int, Field(ge=2)] = 20
+    spread: Annotated[float, Field(ge=0)] = 0.5  # initial ensemble: truth window + N(0, spread²)
+    assimilate: NonNegInt = 15                   # assimilation steps per cycle
+    forecast: NonNegInt = 5                      # forecast-only steps per cycle
+    bounds: Annotated[float, Field(gt=0)] | None = 4.0   # clamp members to mean ± bounds·std
+                                                         # of the training data (null: none)
+    observations: dict[str, SurrogateObservationConfig] = Field(
+        default_factory=lambda: {"full": SurrogateObservationConfig()})
+    filters: dict[str, SurrogateFilterConfig] = Field(
+        default_factory=lambda: {"ensf": SurrogateFilterConfig(
+            method="ensf", ensf=EnSFConfig(ridge=1e-3))})
+
+    @model_validator(mode="after")
+    def _rollout(self) -> SurrogateRolloutConfig:
+        if self.assimilate + self.forecast == 0:
+            raise _field_error(("assimilate",), "assimilate + forecast must be > 0")
+        if self.score_from is not None and self.score_from >= self.horizon:
+            raise _field_error(("score_from",), f"{self.score_from} leaves no lead to score "
+                               f"(horizon = {self.horizon})")
+        for group, names in (("observations", self.observations), ("filters", self.filters)):
+            if not names:
+                raise _field_error((group,), "give at least one")
+            for name in names:
+                if not re.match(r"^[A-Za-z0-9_-]+$", name):
+                    raise _field_error((group, name), "names may use letters, digits, _ and -")
+        for name, f in self.filters.items():
+            if f.method == "letkf" and self.members < 3:
+                raise _field_error(("filters", name, "method"), "LETKF needs at least 3 members")
+        return self
+
+
+class RetrainConfig(Strict):
+    """DA in training: filter the training-period observations with the current surrogate, take
+    the analyses as new targets, fine-tune, re-evaluate; ``iterations`` times."""
+
+    iterations: NonNegInt = 2
+    filter: str = "ensf"                         # a name in rollout.filters
+    observation: str = "full"                    # a name in rollout.observations
+    trajectories: PosInt | None = None           # training trajectories filtered (null: all)
+    frames: Annotated[int, Field(ge=2)] | None = None   # frames filtered per trajectory (null: all)
+    burn_in: NonNegInt = 20                      # first analyses not used as targets
+    steps: PosInt = 500                          # fine-tuning steps per iteration
+    lr: Annotated[float, Field(gt=0)] = 5e-4
+    include_data: bool = True                    # fine-tune on the training pairs + the analyses
+
+
+class SurrogateConfig(Strict):
+    """``scoreda surrogate``: train a surrogate, evaluate plain and EnSF/EnKF-corrected roll-outs
+    against held-out truths, retrain on analyses; restartable run directory (docs/surrogate.md)."""
+
+    stage: Literal["surrogate"] = "surrogate"
+    model: ModelConfig
+    data: SurrogateDataConfig = Field(default_factory=SurrogateDataConfig)
+    regime: RegimeConfig = Field(default_factory=RegimeConfig)
+    network: SurrogateNetworkConfig = Field(default_factory=SurrogateNetworkConfig)
+    training: SurrogateTrainingConfig = Field(default_factory=SurrogateTrainingConfig)
+    rollout: SurrogateRolloutConfig = Field(default_factory=SurrogateRolloutConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    seed: NonNegInt = 0                          # weights, batches, observations, filters
+    dtype: DType = "float32"
+    threads: PosInt = 1                          # torch threads per rank
+
+    @model_validator(mode="after")
+    def _surrogate(self) -> SurrogateConfig:
+        if self.model.name not in ("lorenz96", "kdv"):
+            raise _field_error(("model", "name"), f"surrogates are set up for lorenz96 and kdv, "
+                               f"not {self.model.name!r}")
+        d, reg, ro, rt = self.data, self.regime, self.rollout, self.retrain
+        if reg.trajectories is not None and reg.trajectories > d.trajectories:
+            raise _field_error(("regime", "trajectories"), f"{reg.trajectories} is more than "
+                               f"data.trajectories ({d.trajectories})")
+        if reg.frames is not None and reg.frames > d.frames:
+            raise _field_error(("regime", "frames"), f"{reg.frames} is more than data.frames "
+                               f"({d.frames})")
+        need = self.network.history + self.training.unroll
+        frames = reg.frames or d.frames
+        if frames < need:
+            raise _field_error(("data", "frames"), f"{frames} frames are fewer than history + "
+                               f"unroll ({need})")
+        if rt.filter not in ro.filters:
+            raise _field_error(("retrain", "filter"), f"{rt.filter!r} is not in rollout.filters "
+                               f"({', '.join(ro.filters)})")
+        if rt.observation not in ro.observations:
+            raise _field_error(("retrain", "observation"), f"{rt.observation!r} is not in "
+                               f"rollout.observations ({', '.join(ro.observations)})")
+        if rt.trajectories is not None and rt.trajectories > d.trajectories:
+            raise _field_error(("retrain", "trajectories"), f"{rt.trajectories} is more than "
+                               f"data.trajectories ({d.trajectories})")
+        if rt.frames is not None and rt.frames > d.frames:
+            raise _field_error(("retrain", "frames"), f"{rt.frames} is more than data.frames "
+                               f"({d.frames})")
+        if rt.iterations and (rt.frames or d.frames) <= self.network.history + rt.burn_in:
+            raise _field_error(("retrain", "burn_in"), "leaves no analyses to train on")
+        from kernels.observe import make_operator
+        from kernels.surrogate import build_surrogate
+
+        model = self.model.build()
+        for name, obs in ro.observations.items():
+            try:
+                make_operator(obs.kind, model.state_shape, nonlinearity=obs.nonlinearity,
+                              **obs.options)
+            except (TypeError, ValueError) as exc:
+                raise _field_error(("rollout", "observations", name, "options"), str(exc)) from None
+        net = self.network
+        if "size" in net.options:
+            raise _field_error(("network", "options", "size"), "set from model.size")
+        try:
+            build_surrogate(net.kind, history=net.history, size=int(self.model.size), **net.options)
+        except (TypeError, ValueError) as exc:
+            raise _field_error(("network", "options"), str(exc)) from None
+        return self
+
+
+STAGES["surrogate"] = SurrogateConfig
