@@ -383,7 +383,7 @@ def status_lines(run_dir: str | Path) -> list[str]:
             restarts = rows[0].get("Restarts", "0")
         stage = job["stage"]
         prog = _progress(stage, run_dir) if stage in ORDER else ""
-        lines.append(f"{stage:<13}{job['job_id']:<10}{state:<26}{restarts:<9}{prog}")
+        lines.append(f"{stage:<13}{job['job_id']:<10}{state:<25} {restarts:<9}{prog}")
     return lines
 
 

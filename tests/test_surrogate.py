@@ -251,3 +251,22 @@ def test_lead_time_metrics():
     assert torch.allclose(m, e.mean(0)) and torch.allclose(s, e.std(0))
     m1, s1 = mean_std(e[:1])
     assert torch.equal(m1, e[0]) and not s1.any()
+
+
+@pytest.mark.gpu
+def test_filtered_rollout_on_device_matches_cpu(device):
+    """The same EnSF/EnKF-corrected roll-out on the device as on the CPU (float64: the keyed
+    draws are the same numbers, only rounding differs over 10 steps)."""
+    net = _randomize(build_surrogate("conv", history=2, width=8, depth=2)).double()
+    model, h0, truth = _l96_twin(1, 10)
+    net.fit_normalization(truth)
+    op = Nonlinear.arctan(Identity((20,)))
+    y = observe_trajectory(op, truth, 0.05, 1)
+    ens = perturbed_ensemble(torch.cat([h0, truth[:1]]), 8, 0.5, 2)
+    for method in ("ensf", "enkf"):
+        cpu = filtered_rollout(net, ens, y[1:], op, 0.05, default_filter(method), seed=0)
+        dev = filtered_rollout(net.to(device), ens.to(device), y[1:].to(device), op, 0.05,
+                               default_filter(method), seed=0)
+        net.cpu()
+        assert dev.mean.device.type == device.type
+        assert torch.allclose(dev.mean.cpu(), cpu.mean, rtol=0, atol=1e-6), method
