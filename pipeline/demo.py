@@ -57,31 +57,13 @@ def _train_on_two_processes(store: Path, run_dir: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
-def _free_port_pair() -> int:
-    """A port p with p + 1 also free (slurmctld, slurmd)."""
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("", 0))
-            port = a.getsockname()[1]
-        if port < 65000:
-            with socket.socket() as b:
-                try:
-                    b.bind(("", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair for the local SLURM")
-
-
 def _slurm_chain(out: Path) -> None:
     """``scoreda submit submit_local``: generate → train → campaign as chained jobs on a local
     single-node SLURM started (and stopped) just for this, by PID, in ``out/slurm``."""
     import os
     import shutil
 
-    from pipeline.submit import TERMINAL, job_info, status_lines
+    from pipeline.submit import TERMINAL, free_port_pair, job_info, status_lines
 
     script = Path(__file__).resolve().parents[1] / "env" / "slurm.sh"
     if shutil.which("slurmctld") is None or not script.exists():
@@ -89,7 +71,7 @@ def _slurm_chain(out: Path) -> None:
         return
     state, run = (out / "slurm").absolute(), (out / "chain").absolute()
     env = {**os.environ, "SCOREDA_SLURM_DIR": str(state),
-           "SCOREDA_SLURM_PORT": str(_free_port_pair()), "SCOREDA_SLURM_CRED_EXPIRE": "5"}
+           "SCOREDA_SLURM_PORT": str(free_port_pair()), "SCOREDA_SLURM_CRED_EXPIRE": "5"}
     subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True)  # a stale one
     subprocess.run(["bash", str(script), "start"], env=env, check=True, capture_output=True)
     env["SLURM_CONF"] = str(state / "slurm.conf")

@@ -99,6 +99,24 @@ def partitions() -> tuple[dict[str, int | None], str | None]:
     return parts, default
 
 
+def free_port_pair() -> int:
+    """A free port p with p + 1 free too: slurmctld and slurmd of a local SLURM (env/slurm.sh)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("", 0))
+            port = a.getsockname()[1]
+        if port < 65000:
+            with socket.socket() as b:
+                try:
+                    b.bind(("", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise OutputError("no free port pair for a local SLURM")
+
+
 def job_info(job_id: str) -> list[dict[str, str]]:
     """``scontrol show job`` as dicts (one per array task); [] when slurmctld no longer knows it."""
     r = _slurm(["scontrol", "-o", "show", "job", job_id], check=False)

@@ -15,7 +15,6 @@ import yaml
 from test_campaign import MPIEXEC, assert_same, in_process, run_cli, stored, write_cfg  # tests/
 
 from pipeline import campaign as cp
-from pipeline import train as tr
 from pipeline.campaign_sda import block_members, observed_frames
 from pipeline.cli import main
 from pipeline.config import CampaignConfig, ConfigError, validate
@@ -25,25 +24,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model_run(tmp_path_factory, make_l96_store) -> Path:
+def model_run(tmp_path_factory, train_l96_window_model) -> Path:
     """A small Lorenz-96 store (F per trajectory, frames 0.1 apart) and a briefly trained
     window model (W = 3), as in tests/test_smooth.py but trained 600 steps (~6 s): after 150
     the θ head is so rough that most sampled F leave [-1000, 1000] and the forecast of such a
     member blows up (measured)."""
-    from pipeline.config import TrainConfig
-
-    d = tmp_path_factory.mktemp("campaign_sda")
-    make_l96_store(d / "l96.zarr", 20, 16, 32)
-    cfg = validate({"stage": "train", "store": str(d / "l96.zarr"), "window": 3,
-                    "network": {"kind": "ring", "options": {"width": 16, "depth": 2}},
-                    "batch_size": 32, "steps": 600, "log_every": 100, "validate_every": 600,
-                    "checkpoint_every": 600, "optim": {"lr": 3e-3, "warmup": 10}}, TrainConfig)
-    threads = torch.get_num_threads()
-    try:
-        assert tr.start(cfg, d / "run") == tr.EXIT_DONE
-    finally:
-        torch.set_num_threads(threads)
-    return d / "run"
+    return train_l96_window_model(tmp_path_factory.mktemp("campaign_sda"), 600)
 
 
 def make_cfg(run: Path, method: str = "sda", **over) -> CampaignConfig:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from pipeline.submit import TERMINAL, free_port_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "env" / "slurm.sh"
@@ -21,23 +22,6 @@ pytestmark = [pytest.mark.slurm,
                                  reason="slurm-wlm / munge not installed (env/setup.sh installs them)")]
 
 
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("", 0))
-            port = a.getsockname()[1]
-        if port < 65000:
-            with socket.socket() as b:
-                try:
-                    b.bind(("", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair")
-
-
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
 
 def _wait_done(jid: str, env: dict, timeout: float) -> str:
@@ -58,7 +42,7 @@ def _wait_done(jid: str, env: dict, timeout: float) -> str:
 
 def test_local_slurm_runs_an_mpi_job_and_stops_by_pid(tmp_path):
     state = tmp_path / "slurm"
-    env = {**os.environ, "SCOREDA_SLURM_DIR": str(state), "SCOREDA_SLURM_PORT": str(_free_port_pair())}
+    env = {**os.environ, "SCOREDA_SLURM_DIR": str(state), "SCOREDA_SLURM_PORT": str(free_port_pair())}
     up = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True,
                         timeout=120)
     try:

@@ -26,24 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model_run(tmp_path_factory, make_l96_store) -> Path:
+def model_run(tmp_path_factory, train_l96_window_model) -> Path:
     """A small Lorenz-96 store (F per trajectory) and a briefly trained window model."""
-    import torch
-
-    from pipeline.config import TrainConfig
-
-    d = tmp_path_factory.mktemp("smooth")
-    make_l96_store(d / "l96.zarr", 20, 16, 32)
-    cfg = validate({"stage": "train", "store": str(d / "l96.zarr"), "window": 3,
-                    "network": {"kind": "ring", "options": {"width": 16, "depth": 2}},
-                    "batch_size": 32, "steps": 150, "log_every": 50, "validate_every": 150,
-                    "checkpoint_every": 150, "optim": {"lr": 3e-3, "warmup": 10}}, TrainConfig)
-    threads = torch.get_num_threads()
-    try:
-        assert tr.start(cfg, d / "run") == tr.EXIT_DONE
-    finally:
-        torch.set_num_threads(threads)
-    return d / "run"
+    return train_l96_window_model(tmp_path_factory.mktemp("smooth"), 150)
 
 
 def make_cfg(run: Path, **over) -> SmoothConfig:

@@ -21,13 +21,12 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, SubmitConfig, slurm_seconds, validate
+from pipeline.submit import TERMINAL
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "env" / "slurm.sh"
 SCOREDA = [sys.executable, "-m", "pipeline.cli"]
 HAVE_SLURM = shutil.which("slurmctld") is not None and shutil.which("munged") is not None
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
 GENERATE = {
     "stage": "generate", "model": {"name": "lorenz96", "size": 40, "dt": 0.05},
@@ -135,10 +134,10 @@ def test_job_starts_then_resumes(tmp_path):
 def slurm(tmp_path_factory):
     if not HAVE_SLURM:
         pytest.skip("slurm-wlm / munge not installed (env/setup.sh installs them)")
-    from tests.test_slurm_env import _free_port_pair
+    from pipeline.submit import free_port_pair
 
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SCOREDA_SLURM_DIR": str(state), "SCOREDA_SLURM_PORT": str(_free_port_pair()),
+    env = {**os.environ, "SCOREDA_SLURM_DIR": str(state), "SCOREDA_SLURM_PORT": str(free_port_pair()),
            "SCOREDA_SLURM_CRED_EXPIRE": "5", "SCOREDA_NO_PROGRESS": "1"}
     up = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True,
                         timeout=120)
