@@ -7,7 +7,8 @@ call :meth:`Analysis.__call__`; this module is where the three methods meet the 
   transform ``u = T(θ)`` of its P estimated parameters;
 * EnSF sees the likelihood score of the state part and zeros for θ; θ (and unobserved grid
   points) learn either from the prior score of the mixture estimator or from ensemble regression
-  of the observed increments (``coupling="regression"``, EnSF-LR);
+  of the observed increments (``coupling="regression"``, EnSF-LR), or unobserved grid points
+  from their nearby observed ones only (``coupling="local"``, θ still globally);
 * LETKF treats θ as global columns (updated from all observations, no localization); the
   stochastic EnKF is global anyway;
 * all randomness comes from per-member generators handed in by the caller, keyed by
@@ -39,6 +40,7 @@ from kernels.ensf import (
     EnSFSettings,
     ensf_analysis,
     inflate,
+    regress_local,
     regress_unobserved,
     regression_apply,
     regression_partials,
@@ -49,7 +51,7 @@ from kernels.letkf import LocalObs, build_local_obs, enkf_stochastic, letkf_anal
 from kernels.observe import ObservationOperator
 
 Method = Literal["ensf", "letkf", "enkf"]
-Coupling = Literal["none", "regression"]
+Coupling = Literal["none", "regression", "local"]
 
 #: columns per block of the column layout: the unit of ownership and of the regression's sums
 COLUMN_CHUNK = 1 << 14
@@ -163,11 +165,15 @@ class FilterSpec:
         inflation: multiplicative inflation (≥ 1) of the forecast state anomalies before any
             analysis (θ columns are never inflated).
         rtps: relaxation to prior spread after the analysis, in [0, 1] (0 = off).
-        radius: LETKF localization half-width in grid units (None = global ETKF).
+        radius: localization half-width in grid units: LETKF's (None = global ETKF), and the
+            EnSF ``coupling="local"`` regression's (required there).
         ensf: EnSF settings.
         coupling: how EnSF informs θ and unobserved grid points: ``"regression"`` (ensemble
             regression on the observed increments) or ``"none"`` (only through the prior score,
-            which is enough with the mixture estimator and gives nothing with the paired one).
+            which is enough with the mixture estimator and gives nothing with the paired one),
+            or ``"local"``: each unobserved grid point regressed on the observed ones within
+            ``2 · radius`` (:func:`kernels.ensf.regress_local`), θ on all observed ones. For
+            partially observed fields; the analysis then runs replicated (not distributable).
         ridge: relative ridge of the regression.
         column_chunk: columns per block of the distributed analysis' column layout (and of the
             regression's partial sums); the same value gives the same numbers on any number of
@@ -192,8 +198,12 @@ class FilterSpec:
             raise ValueError(f"rtps must lie in [0, 1], got {self.rtps!r}")
         if self.radius is not None and not self.radius > 0:
             raise ValueError(f"radius must be positive or None, got {self.radius!r}")
-        if self.coupling not in ("none", "regression"):
-            raise ValueError(f"coupling must be none or regression, got {self.coupling!r}")
+        if self.coupling not in ("none", "regression", "local"):
+            raise ValueError(f"coupling must be none, regression or local, got {self.coupling!r}")
+        if self.method == "ensf" and self.coupling == "local" and self.radius is None:
+            raise ValueError("coupling local needs a localization radius")
+        if self.coupling == "local" and not self.ridge > 0:
+            raise ValueError(f"coupling local needs ridge > 0, got {self.ridge!r}")
         if self.column_chunk < 1:
             raise ValueError(f"column_chunk must be >= 1, got {self.column_chunk!r}")
 
@@ -231,6 +241,16 @@ class Analysis:
             self._local = build_local_obs(grid_locations(op), op.locations(),
                                           torch.tensor(op.spatial_shape, dtype=torch.float64),
                                           float(spec.radius))
+        self._coupling_local = None
+        if spec.method == "ensf" and spec.coupling == "local":
+            # fixed network: each unobserved grid point's observed neighbours and tapers, once
+            locs = grid_locations(op)
+            obs_cols = torch.nonzero(observed).squeeze(1)
+            tgt_cols = torch.nonzero(~observed).squeeze(1)
+            lo = build_local_obs(locs[tgt_cols], locs[obs_cols],
+                                 torch.tensor(op.spatial_shape, dtype=torch.float64),
+                                 float(spec.radius))
+            self._coupling_local = (obs_cols, tgt_cols, lo)
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor,
                  generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -256,9 +276,14 @@ class Analysis:
             prior = torch.cat([inflate(z[:, : self.d], spec.inflation), z[:, self.d:]], dim=1)
         if spec.method == "ensf":
             post = ensf_analysis(prior, self._likelihood_grad(y), spec.ensf, generators)
-            if spec.coupling == "regression":
+            if spec.coupling == "regression" or (spec.coupling == "local" and self.n_params):
+                # θ (and, for "regression", unobserved grid points) from every observed increment
                 post = regress_unobserved(prior, post, self.observed.to(z.device), spec.ridge,
                                           chunk=spec.column_chunk)
+            if spec.coupling == "local" and self._coupling_local is not None:
+                obs_cols, tgt_cols, lo = self._coupling_local
+                post = regress_local(prior, post, obs_cols, tgt_cols, lo.index, lo.weight,
+                                     spec.ridge)
         else:
             # H of the inflated members keeps the observed anomalies consistent (nonlinear H too)
             hx = self.op(prior[:, : self.d].reshape(n, *self.state_shape))
@@ -276,7 +301,8 @@ class Analysis:
     @property
     def distributable(self) -> bool:
         """Whether :meth:`run` can analyse a slice of the members (EnSF, paired or gaussian)."""
-        return self.spec.method == "ensf" and self.spec.ensf.estimator in ("paired", "gaussian")
+        return (self.spec.method == "ensf" and self.spec.ensf.estimator in ("paired", "gaussian")
+                and self.spec.coupling != "local")
 
     def run(self, z: torch.Tensor, y: torch.Tensor, generators: Sequence[torch.Generator],
             layout: Layout) -> Distributed:

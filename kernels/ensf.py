@@ -719,3 +719,80 @@ def regression_apply(
     if bool(mask.any()):
         b = (prior - mean)[:, mask]
         out[:, mask] = prior[:, mask] + w @ b
+
+
+def regress_local(
+    prior: torch.Tensor,
+    posterior: torch.Tensor,
+    observed_cols: torch.Tensor,
+    target_cols: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    ridge: float = 1e-3,
+    *,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """Localized ensemble regression of unobserved grid points on nearby observed increments.
+
+    With few members, the global regression of :func:`regress_unobserved` couples every
+    unobserved component to every observed one through sampling noise; with a fraction of a
+    spatial field observed that noise swamps the signal (a partially observed Lorenz-96 ring
+    loses the truth). Here target column ``j`` is regressed only on its local observed columns
+    ``l ∈ L_j`` with a distance-dependent ridge,
+
+        k_j = argmin_k ‖b_j − A_j k‖² + Σ_l λ_j / ρ_jl · k_l²,     λ_j = ridge · tr(A_jᵀA_j)/|L_j|,
+
+    i.e. a zero-mean Gaussian prior on the coefficient of column ``l`` whose variance falls with
+    the Gaspari–Cohn taper ``ρ_jl`` (ρ = 0: coefficient exactly 0). Then column ``j`` moves by
+    ``δ_j k_j`` per member. ``A_j (N, L)``, ``δ_j (N, L)`` are the local observed prior anomalies
+    and increments, ``b_j (N,)`` the target's prior anomalies. One ``L × L`` solve per target,
+    batched; cost ``O(D_t · N · L²)``.
+
+    Args:
+        prior, posterior: ``(N, D)`` ensembles.
+        observed_cols: ``(m,)`` int64 columns of the observed components (the regressors).
+        target_cols: ``(G,)`` int64 columns to update (unobserved, located components).
+        index: ``(G, L)`` int64 positions in ``observed_cols`` of each target's local regressors
+            (:func:`kernels.letkf.build_local_obs`; padding may point anywhere).
+        weight: ``(G, L)`` taper weights in ``[0, 1]``; 0 marks padding / out of range.
+        ridge: relative ridge ``> 0`` (the L × L system must stay non-singular with ``N < L``).
+        chunk: targets solved at once (bounds temporaries to ``O(chunk · N · L)``).
+
+    Returns:
+        ``(N, D)``: ``posterior`` with the target columns replaced by ``prior + δ_j k_j``.
+    """
+    if prior.shape != posterior.shape or prior.ndim != 2:
+        raise ValueError(
+            f"prior {tuple(prior.shape)} and posterior {tuple(posterior.shape)} must be equal (N, D)"
+        )
+    if index.shape != weight.shape or index.ndim != 2 or index.shape[0] != target_cols.shape[0]:
+        raise ValueError(f"index {tuple(index.shape)} and weight {tuple(weight.shape)} must be "
+                         f"(G, L) with G = {target_cols.shape[0]} targets")
+    if not ridge > 0:
+        raise ValueError(f"ridge must be > 0 for the localized regression, got {ridge}")
+    out = posterior.clone()
+    if target_cols.numel() == 0 or index.shape[1] == 0:
+        return out
+    dev = prior.device
+    observed_cols, target_cols = observed_cols.to(dev), target_cols.to(dev)
+    index, weight = index.to(dev), weight.to(device=dev, dtype=prior.dtype)
+    mean = member_mean(prior)
+    a_all = (prior - mean)[:, observed_cols]                          # (N, m)
+    d_all = (posterior - prior)[:, observed_cols]                     # (N, m)
+    b_all = (prior - mean)[:, target_cols]                            # (N, G)
+    tiny = torch.finfo(prior.dtype).tiny
+    for s in range(0, target_cols.shape[0], chunk):
+        idx, w = index[s:s + chunk], weight[s:s + chunk]              # (g, L)
+        live = w > 0
+        a = a_all[:, idx] * live                                      # (N, g, L), padding zeroed
+        gram = torch.einsum("ngl,ngk->glk", a, a)                     # (g, L, L)
+        rhs = torch.einsum("ngl,ng->gl", a, b_all[:, s:s + chunk])    # (g, L)
+        scale = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) / live.sum(-1).clamp_min(1)
+        # ρ → 0 means an infinite penalty; padding gets a unit diagonal so the system stays
+        # regular (its column of A is zero, so its coefficient is exactly 0 either way)
+        pen = torch.where(live, ridge * scale.clamp_min(tiny)[:, None] / w.clamp_min(tiny),
+                          torch.ones_like(w))
+        coef = torch.linalg.solve(gram + torch.diag_embed(pen), rhs.unsqueeze(-1)).squeeze(-1)
+        inc = torch.einsum("ngl,gl->ng", d_all[:, idx] * live, coef)  # (N, g)
+        out[:, target_cols[s:s + chunk]] = prior[:, target_cols[s:s + chunk]] + inc
+    return out

@@ -388,7 +388,10 @@ class EnSFConfig(Strict):
     sampler: Literal["sde", "ode"] = "sde"
     score_clip: Annotated[float, Field(gt=0)] | None = 50.0
     init: Literal["noise", "prior"] = "prior"
-    coupling: Literal["none", "regression"] = "regression"
+    # unobserved state and θ from the observed increments: "regression" (all observed ones),
+    # "local" (grid points from the observed ones within 2·filter.radius, θ from all; for
+    # partially observed fields), "none" (prior score only)
+    coupling: Literal["none", "regression", "local"] = "regression"
     # relative ridge of the θ regression: with fewer members than observed components a small
     # ridge fits the θ anomalies exactly and collapses their spread in a few cycles (measured)
     ridge: Annotated[float, Field(ge=0)] = 1.0
@@ -451,6 +454,11 @@ class FilterConfig(Strict):
                                          "`scoreda train` run directory)")
         if self.method != "sda" and self.sda is not None:
             raise _field_error(("sda",), f"only used with method sda (method is {self.method})")
+        if self.method == "ensf" and self.ensf.coupling == "local":
+            if self.radius is None:
+                raise _field_error(("radius",), "ensf.coupling local needs a localization radius")
+            if not self.ensf.ridge > 0:
+                raise _field_error(("ensf", "ridge"), "must be > 0 with coupling local")
         return self
 
 

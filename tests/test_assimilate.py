@@ -78,6 +78,26 @@ def test_ensf_regression_coupling_informs_theta():
     assert spread[-1] < 0.5 * spread[0]
 
 
+def test_ensf_local_coupling_on_a_half_observed_ring():
+    """Every other variable observed (σ = 1), F unknown: the global regression of the unobserved
+    half on all 20 observed increments is mostly sampling noise with 20 members; the localized
+    one keeps the state. Measured: analysis RMSE 2.31 (global) vs 0.63 (local); θ (still
+    regressed on every observed increment) moves toward the truth in both (6.8 → 7.0, 6.4 → 7.0)."""
+    def run(coupling: str, ridge: float):
+        cfg = _cfg(cycles=40, burn_in=10,
+                   observation={"kind": "every_kth", "options": {"k": 2}, "sigma": 1.0, "every": 1},
+                   parameters={"estimate": ["F"], "prior": {"F": {"uniform": [6, 10]}},
+                               "roughening": 0.02},
+                   filter={"method": "ensf", "inflation": 1.1, "radius": 2.0,
+                           "ensf": {"coupling": coupling, "ridge": ridge}})
+        return Twin(cfg).run()
+
+    glob, local = run("regression", 1.0), run("local", 0.1)
+    assert local.attrs["rmse_a_mean"] < 0.8 < 1.5 < glob.attrs["rmse_a_mean"]
+    mean = local["theta_mean"].isel(param=0).values
+    assert abs(mean[-1] - 8.0) < abs(mean[0] - 8.0) - 0.3
+
+
 def test_initial_theta_draws_per_member_streams():
     cfg = _cfg(parameters={"estimate": ["F"], "prior": {"F": {"uniform": [4, 12]}}})
     model = cfg.model.build()
@@ -131,6 +151,8 @@ def test_cli_writes_dataset_and_plot(tmp_path, capsys):
     ({"burn_in": 40}, "burn_in"),
     ({"filter": {"method": "kalman"}}, "filter.method"),
     ({"filter": {"ensf": {"estimator": "magic"}}}, "filter.ensf.estimator"),
+    ({"filter": {"method": "ensf", "radius": None, "ensf": {"coupling": "local"}}}, "filter.radius"),
+    ({"filter": {"method": "ensf", "ensf": {"coupling": "local", "ridge": 0}}}, "filter.ensf.ridge"),
 ])
 def test_bad_configs_name_the_field(change, needle):
     with pytest.raises(ConfigError) as info:

@@ -36,6 +36,7 @@ from kernels.ensf import (
     likelihood_weight,
     mixture_score,
     mixture_weights,
+    regress_local,
     regress_unobserved,
     rtps,
     schedule,
@@ -373,6 +374,64 @@ def test_regress_unobserved_recovers_linear_update():
     chunked = regress_unobserved(prior, post, observed, ridge=1e-3, chunk=3)
     torch.testing.assert_close(chunked, regress_unobserved(prior, post, observed, ridge=1e-3),
                                rtol=1e-12, atol=1e-12)
+
+
+def _local_case(n: int = 400, seed: int = 9):
+    """Ring of 12 points, even ones observed; odd point j is 1.5·x_{j-1} − 0.5·x_{j+1} + noise."""
+    g = torch.Generator().manual_seed(seed)
+    d = 12
+    obs = torch.arange(0, d, 2)
+    tgt = torch.arange(1, d, 2)
+    prior = torch.randn(n, d, generator=g, dtype=F64)
+    prior[:, tgt] = (1.5 * prior[:, tgt - 1] - 0.5 * prior[:, (tgt + 1) % d]
+                     + 1e-3 * torch.randn(n, tgt.numel(), generator=g, dtype=F64))
+    post = prior.clone()
+    post[:, obs] += 0.3 * torch.randn(n, obs.numel(), generator=g, dtype=F64)
+    post[:, tgt] += 100.0  # garbage the regression must replace
+    # every target's two observed neighbours (positions in `obs`), then a far one
+    left, right = (tgt - 1) // 2, ((tgt + 1) % d) // 2
+    far = (left + 3) % obs.numel()
+    index = torch.stack([left, right, far], 1)
+    return prior, post, obs, tgt, index
+
+
+def test_regress_local_recovers_the_local_linear_update():
+    prior, post, obs, tgt, index = _local_case()
+    delta = post[:, obs] - prior[:, obs]
+    exact = post.clone()
+    exact[:, tgt] = prior[:, tgt] + 1.5 * delta[:, index[:, 0]] - 0.5 * delta[:, index[:, 1]]
+    # full weight on both neighbours, none on the far one: the exact local coefficients
+    w = torch.tensor([1.0, 1.0, 0.0], dtype=F64).expand(tgt.numel(), 3)
+    out = regress_local(prior, post, obs, tgt, index, w, ridge=1e-9)
+    torch.testing.assert_close(out, exact, rtol=0, atol=2e-3)
+    # observed columns keep the posterior; chunking changes nothing
+    assert torch.equal(out[:, obs], post[:, obs])
+    chunked = regress_local(prior, post, obs, tgt, index, w, ridge=1e-9, chunk=2)
+    torch.testing.assert_close(chunked, out, rtol=1e-12, atol=1e-12)
+
+
+def test_regress_local_taper_shrinks_and_zero_weight_excludes():
+    prior, post, obs, tgt, index = _local_case(n=30)
+    ones = torch.ones(tgt.numel(), 3, dtype=F64)
+    # a weight of 0 is an infinite penalty: the regressor does not exist
+    none = regress_local(prior, post, obs, tgt, index, torch.zeros_like(ones), ridge=1e-3)
+    torch.testing.assert_close(none[:, tgt], prior[:, tgt], rtol=0, atol=0)
+    only_left = regress_local(prior, post, obs, tgt, index[:, :1],
+                              torch.ones(tgt.numel(), 1, dtype=F64), ridge=1e-3)
+    w0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64).expand(tgt.numel(), 3)
+    torch.testing.assert_close(regress_local(prior, post, obs, tgt, index, w0, ridge=1e-3),
+                               only_left, rtol=1e-12, atol=1e-12)
+    # with few members, the far regressor picks up sampling noise; a small weight damps it
+    move = lambda out: (out[:, tgt] - prior[:, tgt]).norm()  # noqa: E731
+    weak = torch.tensor([1.0, 1.0, 1e-4], dtype=F64).expand(tgt.numel(), 3)
+    a = regress_local(prior, post, obs, tgt, index, ones, ridge=1e-2)
+    b = regress_local(prior, post, obs, tgt, index, weak, ridge=1e-2)
+    c = regress_local(prior, post, obs, tgt, index, w0 + torch.tensor([0, 1.0, 0], dtype=F64), ridge=1e-2)
+    assert (b - c).abs().max() < (a - c).abs().max() and move(b) > 0
+    with pytest.raises(ValueError, match="ridge"):
+        regress_local(prior, post, obs, tgt, index, ones, ridge=0.0)
+    with pytest.raises(ValueError, match="targets"):
+        regress_local(prior, post, obs, tgt[:-1], index, ones)
 
 
 # --------------------------------------------------------------------------------------------
