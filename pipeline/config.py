@@ -827,7 +827,8 @@ STAGES["submit"] = SubmitConfig
 # --------------------------------------------------------------------------------------------
 # surrogate: ML surrogates with EnSF / EnKF-corrected roll-outs and retraining (pipeline/surrogate.py)
 class SurrogateDataConfig(Strict):
-    """True trajectories made in-process from ``kernels.dynamics`` (cheap for the 1-D models).
+    """True trajectories made in-process from ``kernels.dynamics`` (cheap for the 1-D models),
+    or the training ones read from a ``scoreda generate`` store (``store``).
 
     Training trajectory ``j`` starts from the stream ``(seed, "train", j)``, test trajectory
     (trial) ``i`` from ``(seed, "test", i)``: independent random starts, each spun up onto the
@@ -839,6 +840,19 @@ class SurrogateDataConfig(Strict):
     save_every: PosInt = 5                       # model steps per saved frame (= one surrogate step)
     spinup: NonNegInt = 1000                     # model steps discarded before the first frame
     seed: NonNegInt = 0
+    # a `scoreda generate` store (theta.mode fixed, same model, dt and save_every) to take the
+    # training trajectories from (its train split, the first `trajectories`, `frames` frames);
+    # null: made in-process. Test truths are always made in-process (streams "test").
+    store: str | None = None
+
+    @field_validator("store")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return str(Path(v).expanduser().absolute())
 
 
 class RegimeConfig(Strict):
@@ -930,6 +944,8 @@ class SurrogateRolloutConfig(Strict):
     forecast: NonNegInt = 5                      # forecast-only steps per cycle
     bounds: Annotated[float, Field(gt=0)] | None = 4.0   # clamp members to mean ± bounds·std
                                                          # of the training data (null: none)
+    reference: bool = False                      # also run every filter with the true model as
+                                                 # the forecast: what the observations allow
     observations: dict[str, SurrogateObservationConfig] = Field(
         default_factory=lambda: {"full": SurrogateObservationConfig()})
     filters: dict[str, SurrogateFilterConfig] = Field(

@@ -64,6 +64,7 @@ from kernels.surrogate import (
     cycle_mask,
     filtered_rollout,
     make_pairs,
+    markov_forecast,
     mean_std,
     observe_trajectory,
     one_step_loss,
@@ -90,6 +91,8 @@ MODELS, EVALS, RETRAIN = "models", "evaluations", "retrain"
 METRICS, SUMMARY, PLOT = "metrics.json", "summary.md", "leadtime.png"
 #: a long-horizon RMSE at most this fraction of the plain roll-out's meets the issue's target
 TARGET_RATIO = 0.5
+#: prefix of the curves of filters run with the true model (rollout.reference)
+REFERENCE = "reference:"
 F64 = torch.float64
 
 
@@ -198,9 +201,81 @@ def _trajectories(cfg: SurrogateConfig, purpose: str, count: int, frames: int) -
                          dt=cfg.model.dt)
 
 
+def store_selection(cfg: SurrogateConfig) -> tuple[Path, str, list[int]]:
+    """Check ``data.store`` against the run and pick its training trajectories.
+
+    The store must be a finished ``scoreda generate`` store of the same system sampled the same
+    way (model, size, dt, save_every) with the run's true θ on every trajectory (``theta.mode:
+    fixed``): the surrogate learns one system and is tested on truths made with that θ.
+
+    Returns:
+        the store path, the state array's name and the first ``data.trajectories`` indices of
+        its ``train`` split.
+
+    Raises:
+        ConfigError (naming ``data.store``) or OutputError (unreadable / unfinished store).
+    """
+    import numpy as np
+    import zarr
+
+    from pipeline.store import layout, status, store_config
+
+    d = cfg.data
+    assert d.store is not None
+    path = Path(d.store)
+    gcfg = store_config(path)
+    st = status(path, gcfg)
+    if not st.complete:
+        raise OutputError(f"{path}: incomplete store ({st.shards_done}/{st.shards_total} "
+                          "shards); finish it with `scoreda generate` first")
+
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"data.store: {path}: {msg}")
+
+    g, m = gcfg.model, cfg.model
+    if (g.name, int(g.size)) != (m.name, int(m.size)):
+        raise bad(f"holds {g.name} size {g.size}, the run is {m.name} size {m.size}")
+    if not math.isclose(float(g.dt), float(m.dt), rel_tol=1e-12):
+        raise bad(f"model dt {g.dt} differs from model.dt {m.dt}")
+    if gcfg.save_every != d.save_every:
+        raise bad(f"save_every {gcfg.save_every} differs from data.save_every {d.save_every}")
+    if gcfg.theta.mode != "fixed":
+        raise bad(f"θ is drawn per trajectory (theta.mode {gcfg.theta.mode}); a surrogate learns "
+                  "one system: generate with theta.mode fixed")
+    model = m.build()
+    truth = model.truth_theta(1, m.params, dtype=F64)[0]
+    stored = torch.from_numpy(np.asarray(zarr.open_array(path / "theta", mode="r")[0, 0])).to(F64)
+    if not torch.allclose(stored, truth, rtol=1e-6, atol=1e-6):
+        raise bad(f"θ {stored.tolist()} differs from the run's truth {truth.tolist()} "
+                  f"({', '.join(model.param_names)}; see model.params)")
+    if gcfg.frames < d.frames:
+        raise bad(f"has {gcfg.frames} frames per trajectory, data.frames asks for {d.frames}")
+    codes = np.asarray(zarr.open_array(path / "split", mode="r")[:])
+    train = np.nonzero(codes == 0)[0].tolist()
+    if len(train) < d.trajectories:
+        raise bad(f"has {len(train)} train-split trajectories, data.trajectories asks for "
+                  f"{d.trajectories}")
+    spec = next(a for a in layout(gcfg, model).arrays if a.grid == int(g.size))
+    return path, spec.name, train[: d.trajectories]
+
+
+def _store_trajectories(cfg: SurrogateConfig) -> torch.Tensor:
+    """The training trajectories from ``data.store``: ``(N, frames, *state)`` float64."""
+    import numpy as np
+    import zarr
+
+    path, name, idx = store_selection(cfg)
+    arr = zarr.open_array(path / name, mode="r")
+    frames = cfg.data.frames
+    # the selection is sorted and shards hold whole trajectories: one read per trajectory
+    out = np.stack([np.asarray(arr[j, :frames]) for j in idx])
+    return torch.from_numpy(out).to(F64)
+
+
 def make_data(cfg: SurrogateConfig) -> Data:
     d, reg = cfg.data, cfg.regime
-    train = _trajectories(cfg, "train", d.trajectories, d.frames)
+    train = (_store_trajectories(cfg) if d.store is not None
+             else _trajectories(cfg, "train", d.trajectories, d.frames))
     inputs = train[: reg.trajectories or d.trajectories, : reg.frames or d.frames]
     if reg.kind == "noisy":
         inputs = add_trajectory_noise(inputs, reg.noise_std, d.seed, "target-noise")
@@ -392,13 +467,17 @@ def train_steps(
 # evaluation
 def evaluate_trial(cfg: SurrogateConfig, net: Surrogate, truth: torch.Tensor, i: int,
                    ops: dict[str, ObservationOperator],
-                   bounds: tuple[float, float] | None) -> dict[str, list[float]]:
+                   bounds: tuple[float, float] | None,
+                   reference: bool = False) -> dict[str, list[float]]:
     """RMSE against lead time of one trial, every curve ``(L,)`` as a list.
 
     Args:
         net: the surrogate, float64, eval mode.
         truth: ``(H + L, *state)`` float64, the trial's true trajectory.
         i: trial index (the key of its random streams: observations, initial ensemble, filters).
+        reference: also ``"reference:<filter>/<observation>"``: the same filter, observations,
+            initial ensemble and streams with the true model as the forecast, i.e. what the
+            observation network allows without any surrogate error.
 
     Returns:
         ``{"one_step", "plain", "<filter>/<observation>", "spread:<filter>/<observation>"}``.
@@ -411,26 +490,37 @@ def evaluate_trial(cfg: SurrogateConfig, net: Surrogate, truth: torch.Tensor, i:
                "plain": rmse_by_lead(rollout(net, truth[None, :h], steps)[0], truth[h:])}
     ens = perturbed_ensemble(truth[:h], ro.members, ro.spread, stream_seed(cfg.seed, "init", i))
     mask = cycle_mask(steps, ro.assimilate, ro.forecast)
+    forecasts: list[tuple[str, Any, float | None]] = [("", net, None)]
+    if reference:
+        model = cfg.model.build()
+        theta = model.truth_theta(1, cfg.model.params, dtype=F64)
+        # the true model gets no additive noise: it has no error to stand in for
+        forecasts.append((REFERENCE, markov_forecast(model, theta, cfg.data.save_every,
+                                                         cfg.model.dt), 0.0))
     for oname, op in ops.items():
         sigma = ro.observations[oname].sigma
         y = observe_trajectory(op, truth[h:], sigma, stream_seed(cfg.seed, "obs", oname, i))
-        for fname, f in ro.filters.items():
-            res = filtered_rollout(net, ens, y, op, sigma, filter_spec(f), assimilate=mask,
-                                   seed=stream_seed(cfg.seed, "filter", fname, oname, i),
-                                   additive_std=f.additive_std, bounds=bounds)
-            out[f"{fname}/{oname}"] = rmse_by_lead(res.mean, truth[h:])
-            out[f"spread:{fname}/{oname}"] = res.spread
+        for prefix, fc, noise in forecasts:
+            for fname, f in ro.filters.items():
+                res = filtered_rollout(fc, ens, y, op, sigma, filter_spec(f), assimilate=mask,
+                                       seed=stream_seed(cfg.seed, "filter", fname, oname, i),
+                                       additive_std=f.additive_std if noise is None else noise,
+                                       bounds=bounds)
+                out[f"{prefix}{fname}/{oname}"] = rmse_by_lead(res.mean, truth[h:])
+                out[f"spread:{prefix}{fname}/{oname}"] = res.spread
     return {k: v.tolist() for k, v in out.items()}
 
 
-def evaluate(cfg: SurrogateConfig, net: Surrogate, data: Data, comm: Comm) -> dict[str, Any]:
-    """Every trial's curves (trials split over ranks by index), gathered in trial order."""
+def evaluate(cfg: SurrogateConfig, net: Surrogate, data: Data, comm: Comm,
+             reference: bool = False) -> dict[str, Any]:
+    """Every trial's curves (trials split over ranks by index), gathered in trial order;
+    ``reference``: with the true-model curves of :func:`evaluate_trial`."""
     ops, bounds = operators(cfg), bounds_of(cfg, data)
     net64 = build_surrogate(**net.spec).double()
     net64.load_state_dict(net.state_dict())  # roll-outs and filters in float64
     net64.eval()
     mine = block_range(cfg.rollout.trials, comm.size, comm.rank)
-    res = [evaluate_trial(cfg, net64, data.test[i], i, ops, bounds) for i in mine]
+    res = [evaluate_trial(cfg, net64, data.test[i], i, ops, bounds, reference) for i in mine]
     trials = [r for part in comm.gather_objects(res) for r in part]
     return {"curves": {k: [t[k] for t in trials] for k in trials[0]}}
 
@@ -517,7 +607,8 @@ def summarize(cfg: SurrogateConfig, evals: list[dict[str, Any]],
             rec["ratio_to_plain"] = rec["mean"] / plain if plain > 0 else float("nan")
         iters.append({"iteration": k, "curves": curves, "long_horizon": lh,
                       "retrain": retrains[k - 1] if k > 0 else None})
-    names = [n for n in iters[0]["long_horizon"] if "/" in n]
+    # filtered surrogate roll-outs (the reference curves exist at iteration 0 only)
+    names = [n for n in iters[0]["long_horizon"] if "/" in n and not n.startswith(REFERENCE)]
     first = iters[0]["long_horizon"]
     gain = {n: [it["long_horizon"][n]["mean"] / first[n]["mean"] for it in iters]
             for n in ["plain", *names]}
@@ -562,13 +653,15 @@ def write_summary(run_dir: Path, cfg: SurrogateConfig, met: dict[str, Any]) -> N
            f"ratio = to the plain roll-out of the same iteration (target ≤ {TARGET_RATIO}).", "",
            "| iteration | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for it in its:
-        cells = [f"{it['long_horizon'][n]['mean']:.3f} ± {it['long_horizon'][n]['std']:.3f}"
-                 + (f" ({it['long_horizon'][n]['ratio_to_plain']:.2f}×)" if "/" in n else "")
-                 for n in names]
+        cells = [(f"{it['long_horizon'][n]['mean']:.3f} ± {it['long_horizon'][n]['std']:.3f}"
+                  + (f" ({it['long_horizon'][n]['ratio_to_plain']:.2f}×)" if "/" in n else ""))
+                 if n in it["long_horizon"] else "—" for n in names]
         out.append(f"| {it['iteration']} | " + " | ".join(cells) + " |")
     out += ["", "`one_step`: error of one step from the true window (the ceiling); `plain`: "
             "free roll-out from the true initial window (the floor); `F/O`: roll-out corrected "
-            "by filter F with observation network O.", ""]
+            "by filter F with observation network O; `reference:F/O`: the same filter and "
+            "observations with the true model as the forecast (iteration 0 only), what the "
+            "observation network allows without surrogate error.", ""]
     if len(its) > 1:
         out += ["## Retraining on analyses", "",
                 "| iteration | pairs | target RMSE | training-input RMSE | "
@@ -615,7 +708,9 @@ def plot(run_dir: Path, met: dict[str, Any], frame_dt: float) -> Path:
         ax.legend(fontsize=7)
     if len(its) > 1:
         ax = axes[-1]
-        for name in names[1:]:  # not one_step
+        for name in names[1:]:  # not one_step; the reference exists at iteration 0 only
+            if name.startswith(REFERENCE):
+                continue
             m = [it["long_horizon"][name]["mean"] for it in its]
             s = [it["long_horizon"][name]["std"] for it in its]
             ax.errorbar(range(len(its)), m, yerr=s, marker="o", capsize=3, color=color[name],
@@ -685,7 +780,8 @@ class Run:
             return True
         if kind == "evaluate":
             net, _ = load_surrogate(model_path(self.run_dir, k))
-            ev = evaluate(cfg, net, self.data, self.comm)
+            # the true-model reference does not change with the surrogate: once, at iteration 0
+            ev = evaluate(cfg, net, self.data, self.comm, cfg.rollout.reference and k == 0)
             if self.comm.rank == 0:
                 write_text_atomic(self._json(EVALS, k), json.dumps(ev))
             return True
@@ -760,6 +856,11 @@ def start(cfg: SurrogateConfig, run_dir: str | Path, overwrite: bool = False) ->
     err = None
     if comm.rank == 0 and run_dir.exists() and not overwrite:
         err = OutputError(f"{run_dir}: exists (use --overwrite or `scoreda surrogate --resume`)")
+    if comm.rank == 0 and err is None and cfg.data.store is not None:
+        try:  # a bad store is refused before the run directory is touched
+            store_selection(cfg)
+        except (ConfigError, OutputError) as exc:
+            err = exc
     comm.agree_error(err)
     if comm.rank == 0:
         if run_dir.exists():

@@ -30,7 +30,7 @@ TINY = {
     "network": {"kind": "conv", "history": 2,
                 "options": {"width": 8, "depth": 1, "kernel_size": 3, "linear_kernel": 5}},
     "training": {"steps": 40, "batch_size": 32, "chunks": 2, "lr": 3e-3, "warmup": 5},
-    "rollout": {"trials": 3, "horizon": 30, "members": 8,
+    "rollout": {"trials": 3, "horizon": 30, "members": 8, "reference": True,
                 "observations": {"full": {"kind": "identity"},
                                  "half": {"kind": "every_kth", "options": {"k": 2}}},
                 "filters": {"ensf": {"method": "ensf", "ensf": {"steps": 10, "ridge": 1e-3}},
@@ -82,8 +82,10 @@ def test_end_to_end_with_two_retraining_iterations(reference):
     its = met["iterations"]
     assert [it["iteration"] for it in its] == [0, 1, 2]
     names = {"one_step", "plain", "ensf/full", "enkf/full", "ensf/half", "enkf/half"}
+    refs = {f"reference:{n}" for n in names if "/" in n}
     for it in its:
-        assert set(it["long_horizon"]) == names
+        # the true-model reference is run once, at iteration 0
+        assert set(it["long_horizon"]) == (names | refs if it["iteration"] == 0 else names)
         for n in names:
             c = it["curves"][n]
             assert len(c["mean"]) == len(c["std"]) == 30
@@ -104,7 +106,10 @@ def test_end_to_end_with_two_retraining_iterations(reference):
     assert not torch.equal(m[0]["linear.weight"], m[1]["linear.weight"])
     assert not torch.equal(m[1]["linear.weight"], m[2]["linear.weight"])
     text = (reference / su.SUMMARY).read_text()
-    assert "ensf/half" in text and "Retraining on analyses" in text
+    assert "ensf/half" in text and "Retraining on analyses" in text and "reference:ensf/half" in text
+    # the true model with full observations tracks at least as well as the 40-step surrogate
+    lh0 = its[0]["long_horizon"]
+    assert lh0["reference:enkf/full"]["mean"] < lh0["enkf/full"]["mean"]
     assert (reference / su.PLOT).read_bytes()[:4] == b"\x89PNG"
     prog = json.loads((reference / su.PROGRESS).read_text())
     assert prog["done"] == su.tasks(validate(TINY, SurrogateConfig)) and not (reference / su.PARTIAL).exists()
@@ -192,3 +197,67 @@ def test_existing_run_dir_and_bad_resume(tmp_path, reference, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["surrogate", "--resume", str(tmp_path)]) == 2
     assert "not a surrogate run directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def l96_store(tmp_path_factory):
+    """A finished `scoreda generate` store of the tiny system (truth θ on every trajectory) and a
+    second one with θ drawn per trajectory."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.config import GenerateConfig
+    from pipeline.generate import generate
+
+    root = tmp_path_factory.mktemp("surr-store")
+    base = {"stage": "generate", "model": {"name": "lorenz96", "size": 12},
+            "trajectories": 8, "frames": 80, "save_every": 5, "spinup": 50, "seed": 3,
+            "dtype": "float64", "theta": {"mode": "fixed"}, "split": {"valid": 0.25, "test": 0.0},
+            "store": {"trajectories_per_shard": 2, "chunk_frames": 40}}
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        paths = {}
+        for name, theta in (("fixed", "fixed"), ("prior", "prior")):
+            cfg = validate({**base, "theta": {"mode": theta}}, GenerateConfig)
+            paths[name] = root / f"{name}.zarr"
+            generate(cfg, paths[name], client=client, echo=lambda s: None)
+    return paths
+
+
+def test_training_data_from_a_store(tmp_path, l96_store):
+    import numpy as np
+    import zarr
+
+    data = json.loads(json.dumps(TINY))
+    data["data"] = {**TINY["data"], "frames": 60, "store": str(l96_store["fixed"])}
+    data["rollout"]["trials"] = 1
+    data["retrain"] = {"iterations": 0}
+    cfg = validate(data, SurrogateConfig)
+    d = su.make_data(cfg)
+    split = np.asarray(zarr.open_array(l96_store["fixed"] / "split", mode="r")[:])
+    rows = np.nonzero(split == 0)[0][:4]
+    stored = np.asarray(zarr.open_array(l96_store["fixed"] / "x", mode="r")[:])[rows, :60]
+    assert d.train.shape == (4, 60, 12) and d.train.dtype == torch.float64
+    np.testing.assert_array_equal(d.train.numpy(), stored)
+    # test truths stay in-process and independent of the store
+    torch.testing.assert_close(d.test, su.make_data(validate(TINY, SurrogateConfig)).test[:1])
+    assert su.start(cfg, tmp_path / "run") == su.EXIT_DONE
+    assert json.loads((tmp_path / "run" / su.METRICS).read_text())["iterations"][0]["long_horizon"]
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"store": "prior"}, "theta.mode prior"),
+    ({"frames": 90}, "data.frames asks for 90"),
+    ({"trajectories": 7}, "data.trajectories asks for 7"),
+    ({"save_every": 4}, "save_every 5 differs"),
+    ({"store": "missing"}, "no such store"),
+])
+def test_bad_store_is_refused_before_anything_is_written(tmp_path, l96_store, change, needle, capsys):
+    data = json.loads(json.dumps(TINY))
+    which = change.pop("store", "fixed")
+    path = l96_store.get(which, tmp_path / "missing.zarr")
+    data["data"] = {**TINY["data"], "frames": 60, "store": str(path), **change}
+    conf = write_cfg(tmp_path / "s.yaml", data)
+    assert main(["surrogate", str(conf), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
