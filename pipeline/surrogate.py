@@ -601,10 +601,14 @@ def summarize(cfg: SurrogateConfig, evals: list[dict[str, Any]],
             if not name.startswith("spread:"):
                 v = long_horizon(cfg, rows)
                 mm, ss = mean_std(v)
-                lh[name] = {"mean": float(mm), "std": float(ss), "trials": v.tolist()}
-        plain = lh["plain"]["mean"]
+                # the median too: one plain roll-out that blows up (seen: 1e7) rules the mean
+                lh[name] = {"mean": float(mm), "std": float(ss), "median": float(v.median()),
+                            "trials": v.tolist()}
+        plain, plain_med = lh["plain"]["mean"], lh["plain"]["median"]
         for rec in lh.values():
             rec["ratio_to_plain"] = rec["mean"] / plain if plain > 0 else float("nan")
+            rec["median_ratio_to_plain"] = (rec["median"] / plain_med if plain_med > 0
+                                            else float("nan"))
         iters.append({"iteration": k, "curves": curves, "long_horizon": lh,
                       "retrain": retrains[k - 1] if k > 0 else None})
     # filtered surrogate roll-outs (the reference curves exist at iteration 0 only)
@@ -612,8 +616,12 @@ def summarize(cfg: SurrogateConfig, evals: list[dict[str, Any]],
     first = iters[0]["long_horizon"]
     gain = {n: [it["long_horizon"][n]["mean"] / first[n]["mean"] for it in iters]
             for n in ["plain", *names]}
-    targets = {n: {"ratio": iters[-1]["long_horizon"][n]["ratio_to_plain"],
-                   "met": bool(iters[-1]["long_horizon"][n]["ratio_to_plain"] <= TARGET_RATIO)}
+    last = iters[-1]["long_horizon"]
+    # met only when both the mean and the median over trials are within the target ratio
+    targets = {n: {"ratio": last[n]["ratio_to_plain"],
+                   "median_ratio": last[n]["median_ratio_to_plain"],
+                   "met": bool(max(last[n]["ratio_to_plain"], last[n]["median_ratio_to_plain"])
+                               <= TARGET_RATIO)}
                for n in names}
     start = cfg.rollout.score_from if cfg.rollout.score_from is not None else cfg.rollout.horizon // 2
     return {"model": cfg.model.name, "size": cfg.model.size, "regime": cfg.regime.kind,
@@ -675,7 +683,8 @@ def write_summary(run_dir: Path, cfg: SurrogateConfig, met: dict[str, Any]) -> N
         out += ["", "gain = long-horizon RMSE / iteration 0's (< 1: retraining helped).", ""]
     out += ["## Targets (last iteration)", ""]
     for n, t in met["targets_final"].items():
-        out.append(f"- {n}: {t['ratio']:.2f}× plain — {'met' if t['met'] else 'NOT met'}")
+        out.append(f"- {n}: {t['ratio']:.2f}× plain (median over trials {t['median_ratio']:.2f}×) — "
+                   f"{'met' if t['met'] else 'NOT met'}")
     write_text_atomic(run_dir / SUMMARY, "\n".join(out) + "\n")
 
 

@@ -101,6 +101,10 @@ def test_end_to_end_with_two_retraining_iterations(reference):
     assert set(met["retrain_gain"]) == names - {"one_step"}
     assert all(g[0] == 1.0 and len(g) == 3 for g in met["retrain_gain"].values())
     assert set(met["targets_final"]) == names - {"one_step", "plain"}
+    for n, t in met["targets_final"].items():
+        rec = its[-1]["long_horizon"][n]
+        assert rec["median"] == sorted(rec["trials"])[1]  # 3 trials
+        assert t["met"] == (max(t["ratio"], t["median_ratio"]) <= su.TARGET_RATIO)
     # every iteration has its own model and retraining changed the weights
     m = [su.load_surrogate(su.model_path(reference, k))[0].state_dict() for k in range(3)]
     assert not torch.equal(m[0]["linear.weight"], m[1]["linear.weight"])
