@@ -312,6 +312,12 @@ def generate(cfg: GenerateConfig, out: str | Path | None = None, overwrite: bool
     if target is None:
         raise ConfigError("generate: no output store; set 'out' in the config or pass --out")
     path = st.check_store_path(target)
+    with st.writer_lock(path):
+        return _generate(cfg, path, overwrite, client, echo, t_start)
+
+
+def _generate(cfg: GenerateConfig, path: Path, overwrite: bool, client: Any | None, echo: Any,
+              t_start: float) -> GenerateResult:
     model = cfg.model.build()
     lay = st.layout(cfg, model)
     # θ and splits are cheap (no integration): the driver writes them with the metadata

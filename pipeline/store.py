@@ -20,13 +20,14 @@ Zarr group so that Zarr and xarray see a valid hierarchy.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,31 @@ def check_store_path(path: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a directory")
     return path
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path) -> Iterator[Path]:
+    """Hold an exclusive lock for the one process that may create, resume or overwrite a store.
+
+    Two `scoreda generate` runs on one store would write the same shards at once (lost data) or
+    one would replace the store under the other. The lock is ``flock`` on ``.NAME.lock`` next to
+    the store, released when the process ends however it ends (the file itself stays; it holds
+    nothing). Dask workers write shards under the lock of their coordinating process.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{path}: another `scoreda generate` is writing this store "
+                              f"(lock {lock} is held)") from None
+        yield lock
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def prepare(cfg: GenerateConfig, path: Path, overwrite: bool, theta: np.ndarray,

@@ -307,6 +307,32 @@ def test_existing_store_other_config_refused_unchanged(tmp_path, capsys, client)
     assert (foreign / "keep.txt").read_text() == "mine"
 
 
+def test_second_writer_is_refused_while_the_first_holds_the_store(tmp_path, capsys, client):
+    """A second `scoreda generate` on a store another process is writing exits 2 and leaves it
+    alone; the lock goes with the holder, even when it is killed (SIGKILL)."""
+    cfg = make_cfg()
+    out = tmp_path / "s.zarr"
+    generate(cfg, out, client=client, echo=lambda s: None)
+    before = _tree(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from pipeline.store import writer_lock\n"
+         f"with writer_lock(Path({str(out)!r})):\n print('held', flush=True); time.sleep(60)"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        conf = write_cfg(tmp_path / "g.yaml", cfg)
+        for extra in ([], ["--overwrite"]):
+            assert main(["generate", str(conf), "--out", str(out), *extra]) == 2
+            assert "another `scoreda generate` is writing this store" in _one_line_error(capsys)
+            assert _tree(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    res = generate(cfg, out, client=client, echo=lambda s: None)
+    assert res.resumed and res.shards_written == 0
+
+
 def test_unwritable_and_bad_paths(tmp_path, capsys):
     conf = write_cfg(tmp_path / "g.yaml", make_cfg())
     blocker = tmp_path / "file"
