@@ -132,6 +132,16 @@ def _field_error(loc: tuple[str, ...], msg: str) -> _FieldError:
     return _FieldError(loc, msg)
 
 
+def _absolute_path(v: str | None) -> str | None:
+    """A path option made absolute against the working directory when the config is read
+    (stages may run elsewhere, e.g. under SLURM); empty strings are refused."""
+    if v is None:
+        return None
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return str(Path(v).expanduser().absolute())
+
+
 def _format(err: ValidationError, source: str, prefix: tuple[str | int, ...] = ()) -> str:
     e = err.errors(include_url=False)[0]
     loc = tuple(e.get("loc", ()))
@@ -428,9 +438,7 @@ class CampaignSDAConfig(SDAConfig):
     @field_validator("model")
     @classmethod
     def _absolute(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return str(Path(v).expanduser().absolute())
+        return _absolute_path(v)
 
 
 class FilterConfig(Strict):
@@ -557,9 +565,7 @@ class ObservationFileConfig(Strict):
     @field_validator("path")
     @classmethod
     def _absolute(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return str(Path(v).expanduser().absolute())
+        return _absolute_path(v)
 
 
 class CampaignConfig(AssimilateConfig):
@@ -678,11 +684,7 @@ class SmoothConfig(Strict):
     @field_validator("model_run", "store")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return str(Path(v).expanduser().absolute())
+        return _absolute_path(v)
 
 
 STAGES["smooth"] = SmoothConfig
@@ -848,11 +850,7 @@ class SurrogateDataConfig(Strict):
     @field_validator("store")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return str(Path(v).expanduser().absolute())
+        return _absolute_path(v)
 
 
 class RegimeConfig(Strict):

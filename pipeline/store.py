@@ -418,6 +418,16 @@ def status(path: Path, cfg: GenerateConfig | None = None) -> Status:
     return Status(len(valid), lay.shards, blocks)
 
 
+def finished_store_config(path: Path) -> GenerateConfig:
+    """The config of a store every shard of which is written (for readers that need all of it)."""
+    cfg = store_config(path)
+    st = status(path, cfg)
+    if not st.complete:
+        raise OutputError(f"{path}: incomplete store ({st.shards_done}/{st.shards_total} "
+                          "shards); finish it with `scoreda generate` first")
+    return cfg
+
+
 def parse_select(items: Iterable[str]) -> dict[str, Any]:
     """``dim=START:STOP[:STEP]`` / ``dim=I`` (positional) or ``split=train|valid|test``."""
     out: dict[str, Any] = {}

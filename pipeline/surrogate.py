@@ -218,16 +218,12 @@ def store_selection(cfg: SurrogateConfig) -> tuple[Path, str, list[int]]:
     import numpy as np
     import zarr
 
-    from pipeline.store import layout, status, store_config
+    from pipeline.store import finished_store_config, layout
 
     d = cfg.data
     assert d.store is not None
     path = Path(d.store)
-    gcfg = store_config(path)
-    st = status(path, gcfg)
-    if not st.complete:
-        raise OutputError(f"{path}: incomplete store ({st.shards_done}/{st.shards_total} "
-                          "shards); finish it with `scoreda generate` first")
+    gcfg = finished_store_config(path)
 
     def bad(msg: str) -> ConfigError:
         return ConfigError(f"data.store: {path}: {msg}")

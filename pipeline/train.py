@@ -82,14 +82,10 @@ class WindowSource:
     def __init__(self, cfg: TrainConfig, split: str) -> None:
         import zarr
 
-        from pipeline.store import layout, status, store_config
+        from pipeline.store import finished_store_config, layout
 
         store = Path(cfg.store)
-        gcfg = store_config(store)
-        st = status(store, gcfg)
-        if not st.complete:
-            raise OutputError(f"{store}: incomplete store ({st.shards_done}/{st.shards_total} "
-                              "shards); finish it with `scoreda generate` first")
+        gcfg = finished_store_config(store)
         model = gcfg.model.build()
         lay = layout(gcfg, model)
         grid = cfg.grid or lay.grids[0]
