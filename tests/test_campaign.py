@@ -39,6 +39,9 @@ FILTERS = {
     "ensf-blocks": {"method": "ensf", "inflation": 1.05, "rtps": 0.3, "column_chunk": 8,
                     "ensf": {"estimator": "gaussian", "likelihood": "denoised", "score_clip": 50,
                              "steps": 20}},
+    # localized regression of the unobserved half (replicated analysis) + global θ regression
+    "ensf-local": {"method": "ensf", "radius": 2.0,
+                   "ensf": {"estimator": "gaussian", "coupling": "local", "ridge": 0.1, "steps": 20}},
 }
 
 
@@ -143,7 +146,7 @@ def test_one_rank_equals_twin_driver(tmp_path):
 @pytest.mark.mpi
 @needs_mpi
 @pytest.mark.parametrize("method,ranks", [("letkf", 4), ("ensf-paired", 4), ("ensf-gaussian", 2),
-                                          ("ensf-blocks", 3), ("enkf", 2)])
+                                          ("ensf-blocks", 3), ("enkf", 2), ("ensf-local", 2)])
 def test_rank_count_invariance(tmp_path, method, ranks):
     cfg = make_cfg(method)
     in_process(cfg, tmp_path / "r1")
