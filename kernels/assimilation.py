@@ -276,12 +276,19 @@ class Analysis:
             prior = torch.cat([inflate(z[:, : self.d], spec.inflation), z[:, self.d:]], dim=1)
         if spec.method == "ensf":
             post = ensf_analysis(prior, self._likelihood_grad(y), spec.ensf, generators)
-            if spec.coupling == "regression" or (spec.coupling == "local" and self.n_params):
-                # θ (and, for "regression", unobserved grid points) from every observed increment
+            if spec.coupling == "regression":
                 post = regress_unobserved(prior, post, self.observed.to(z.device), spec.ridge,
                                           chunk=spec.column_chunk)
-            if spec.coupling == "local" and self._coupling_local is not None:
+            elif spec.coupling == "local" and self._coupling_local is not None:
                 obs_cols, tgt_cols, lo = self._coupling_local
+                if self.n_params:
+                    # θ from every observed increment: the global regression on those columns only
+                    cols = torch.cat([obs_cols, torch.arange(self.d, self.d + self.n_params)]).to(z.device)
+                    sub = regress_unobserved(prior[:, cols], post[:, cols],
+                                             self.observed.to(z.device)[cols], spec.ridge,
+                                             chunk=spec.column_chunk)
+                    post = post.clone()
+                    post[:, self.d:] = sub[:, obs_cols.numel():]
                 post = regress_local(prior, post, obs_cols, tgt_cols, lo.index, lo.weight,
                                      spec.ridge)
         else:

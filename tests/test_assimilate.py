@@ -98,6 +98,30 @@ def test_ensf_local_coupling_on_a_half_observed_ring():
     assert abs(mean[-1] - 8.0) < abs(mean[0] - 8.0) - 0.3
 
 
+def test_local_coupling_regresses_theta_on_every_observed_increment():
+    """With θ appended, `local` moves θ exactly like the global regression (all observed
+    increments) and the unobserved grid points only from their neighbours."""
+    from kernels.assimilation import Analysis, FilterSpec
+    from kernels.ensf import EnSFSettings
+    from kernels.observe import make_operator
+    from kernels.streams import generator
+
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(16, 20 + 1, generator=g, dtype=torch.float64)
+    z[:, -1] += 0.5 * z[:, :20:2].sum(1)  # θ correlated with the observed components
+    y = torch.randn(10, generator=g, dtype=torch.float64)
+    settings = EnSFSettings(steps=10, estimator="gaussian")
+    out = {}
+    for coupling in ("regression", "local"):
+        op = make_operator("every_kth", (20,), k=2)
+        spec = FilterSpec(method="ensf", ensf=settings, coupling=coupling, radius=1.0, ridge=0.1)
+        out[coupling] = Analysis(op, 1.0, 1, spec)(z, y, [generator(0, i) for i in range(16)])
+    glob, local = out["regression"], out["local"]
+    torch.testing.assert_close(local[:, :20:2], glob[:, :20:2], rtol=0, atol=0)  # same EnSF draw
+    torch.testing.assert_close(local[:, -1], glob[:, -1], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(local[:, 1:20:2], glob[:, 1:20:2])
+
+
 def test_initial_theta_draws_per_member_streams():
     cfg = _cfg(parameters={"estimate": ["F"], "prior": {"F": {"uniform": [4, 12]}}})
     model = cfg.model.build()
