@@ -157,7 +157,9 @@ class WindowFilter:
         self.settings = SDASettings(steps=s.steps, corrector=s.corrector, tau=s.tau,
                                     gamma=s.gamma, ddim_eta=s.ddim_eta,
                                     theta_clip=s.theta_clip)
-        self.eps = trajectory_eps(self.den.eps, int(spec["window"]), static_theta=self.static_theta)
+        self.eps = trajectory_eps(
+            self.den.eps, int(spec["window"]), static_theta=self.static_theta,
+            schedule=self.den.schedule if s.theta_composition == "evidence" else None)
         # (σ_t/μ_t)² is a variance in normalised units and y is physical: γ is scaled by the
         # state's physical variance so that it keeps its meaning (as in `scoreda smooth`)
         self.gamma_scale = float(self.den.normalizer.state_std.double().square().mean())

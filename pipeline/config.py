@@ -419,6 +419,10 @@ class SDAConfig(Strict):
     ddim_eta: Annotated[float, Field(ge=0, le=1)] = 0.0  # 0 deterministic DDIM predictor, 1 ancestral
     theta_clip: Annotated[float, Field(gt=0)] | None = 4.0  # |denoised θ| ≤ this many training
                                                      # stds from the training mean (null: none)
+    # static θ from the windows: "pooled" (mean of the windows' outputs) or "evidence" (each
+    # window's Gaussian evidence weighted 1/W plus θ_t at its own noise; P extra window passes;
+    # right on Gaussian chains, over-confident with the trained Lorenz-96 network: docs/smooth.md)
+    theta_composition: Literal["evidence", "pooled"] = "pooled"
 
 
 class CampaignSDAConfig(SDAConfig):

@@ -153,7 +153,8 @@ class Problem:
         # by the squared physical std of the state (mean over channels) so γ keeps its meaning
         scale = float(den.normalizer.state_std.double().square().mean())
         xs, xt = sample_posterior(
-            trajectory_eps(den.eps, self.spec["window"], static_theta=self.static_theta),
+            trajectory_eps(den.eps, self.spec["window"], static_theta=self.static_theta,
+                           schedule=den.schedule if s.theta_composition == "evidence" else None),
             den.schedule,
             (cfg.length, *self.frame_shape), len(self.spec["params"]), gens, settings,
             observe=observe, y=self.y.reshape(-1).to(dtype), sigma_y=self._sigma_flat(dtype),

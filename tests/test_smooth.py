@@ -68,6 +68,19 @@ def test_smooth_writes_samples_metrics_and_plots(tmp_path, model_run):
     assert 0.3 < resid.std() < 0.7
 
 
+def test_theta_composition_reaches_the_sampler(tmp_path, model_run):
+    """`sda.theta_composition: evidence` changes θ (and only through the composition: the same
+    streams), stays finite and keeps one θ per sample."""
+    out = {}
+    for comp in ("pooled", "evidence"):
+        cfg = make_cfg(model_run, samples=4, sda={"steps": 12, "theta_composition": comp})
+        sm.smooth(cfg, tmp_path / comp)
+        out[comp] = xr.open_zarr(tmp_path / comp / sm.STORE, consolidated=False)["theta"].values
+    assert np.isfinite(out["evidence"]).all() and out["evidence"].shape == out["pooled"].shape
+    assert np.array_equal(out["evidence"], np.repeat(out["evidence"][:, :1], 12, axis=1))
+    assert not np.allclose(out["evidence"], out["pooled"])
+
+
 @pytest.mark.mpi
 @pytest.mark.skipif(not (BIN / "mpiexec").exists(), reason="no mpiexec in the venv")
 def test_samples_do_not_depend_on_the_rank_count(tmp_path, model_run):

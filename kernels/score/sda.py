@@ -94,6 +94,8 @@ def composed_eps(
     *,
     chunk: int | None = None,
     static_theta: bool = False,
+    schedule: VPSchedule | None = None,
+    theta_fd: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise prediction of whole trajectories assembled from a window network.
 
@@ -111,11 +113,30 @@ def composed_eps(
         window: ``W = 2k + 1``, odd, ``1 ≤ W ≤ L``.
         chunk: most windows per ``eps_fn`` call (bounds memory); ``None`` for one call.
         static_theta: treat θ as **one** parameter vector per trajectory (``x_theta (B, 1, P)``,
-            returned ``(B, 1, P)``): every window sees it at all W positions and its ε is the
-            mean over windows of their centre outputs (see below). Per-frame θ
-            (the default) suits a θ that moves (a random walk); with a static θ the per-frame
-            copies of distant windows drift apart and the sampler diverges (measured on
-            Lorenz-96, L ≥ 17, W = 5: states beyond 100 in normalised units).
+            returned ``(B, 1, P)``): every window sees it at all W positions. Its ε is the
+            evidence composition below when ``schedule`` is given, else the mean over windows
+            of their centre outputs. Per-frame θ (the default) suits a θ that moves (a random
+            walk); with a static θ the per-frame copies of distant windows drift apart and the
+            sampler diverges (measured on Lorenz-96, L ≥ 17, W = 5: states beyond 100 in
+            normalised units).
+        schedule: the network's noise schedule; with ``static_theta`` it selects the evidence
+            composition of θ (see below).
+        theta_fd: finite-difference step of the evidence composition, in units of ``σ_t``.
+
+    Static θ, evidence composition. The window network was trained on W copies of θ noised
+    independently, so shown one shared copy ``θ_t`` at all W positions it reads it as a copy
+    with noise ``σ_t²/W`` and under-shrinks (the pooled mean of centre outputs gives posterior
+    and prior spreads of θ far too wide: 2.3× and 1.6× on the analytic chain). Per parameter and
+    window j, a Gaussian reading of the network's estimate ``θ̂_j = E[θ_0 | window, θ̄ = θ_t]`` and
+    of its slope ``k_j = ∂θ̂_j/∂(θ_t/μ_t)`` (one finite difference, no gradient) gives the window's
+    own evidence on θ: posterior ``N(m_j, v_j)`` with ``v_j = k_j r/(W(1 − k_j))``,
+    ``m_j = (θ̂_j − k_j θ_t/μ_t)/(1 − k_j)``, ``r = σ_t²/μ_t²``. The trajectory's estimate adds, in
+    information form, the prior ``N(0, 1)`` of normalised θ, each window's evidence over the
+    prior weighted ``1/W`` (every interior frame lies in W windows) and ``θ_t`` itself at its
+    true noise ``r``; ``ε_θ = (θ_t − μ_t θ̂)/σ_t``. Parameters are combined one by one (their
+    cross-correlations within a window are left out). Exact up to that overlap weighting for a
+    Gaussian chain: on the analytic θ + noise chain, posterior mean 0.856 and sd 0.57 against
+    Kalman 0.868 / 0.51, prior sd 1.02 (tests). Costs P extra window passes without gradient.
 
     Returns:
         ``ε_state (B, L, C, *spatial)`` and ``ε_theta (B, L, P)`` (``(B, 1, P)`` with
@@ -145,7 +166,13 @@ def composed_eps(
     ut = x_theta.unfold(1, w, 1)
     out_s = x_state.new_empty(x_state.shape)
     out_t = x_theta.new_empty(x_theta.shape)
-    pooled = x_theta.new_zeros(b, x_theta.shape[2])  # static θ: Σ over windows of the mean copy ε
+    p = x_theta.shape[2]
+    pooled = x_theta.new_zeros(b, p)  # static θ: Σ over windows of the mean copy ε
+    evidence = static_theta and schedule is not None and p > 0
+    if evidence:
+        mu_b, sig_b = (v.to(x_theta) for v in schedule.mu_sigma(tb, tb))
+        info = x_theta.new_zeros(b, p)   # Σ_j (1/v_j − 1)        (prior N(0, 1))
+        minfo = x_theta.new_zeros(b, p)  # Σ_j m_j / v_j
     total = b * n
     step = total if chunk is None else int(chunk)
     for start in range(0, total, step):
@@ -159,12 +186,23 @@ def composed_eps(
         out_s[bi, ji + k], out_t[bi, ji + k] = es[:, k], et[:, k]
         if static_theta:
             pooled = pooled.index_add(0, bi, et[:, k])
+        if evidence:
+            i_j, m_j = _window_evidence(eps_fn, ws, wt, et[:, k], tb[bi], mu_b[bi], sig_b[bi], w,
+                                        theta_fd)
+            info, minfo = info.index_add(0, bi, i_j), minfo.index_add(0, bi, m_j)
         first, last = ji == 0, ji == n - 1
         if k and bool(first.any()):
             out_s[bi[first], :k], out_t[bi[first], :k] = es[first, :k], et[first, :k]
         if k and bool(last.any()):
             out_s[bi[last], length - k:] = es[last, k + 1:]
             out_t[bi[last], length - k:] = et[last, k + 1:]
+    if evidence:
+        c = x_theta[:, 0]  # (B, P): the shared θ_t
+        mu, sig = mu_b[:, None], sig_b[:, None]
+        r = (sig / mu) ** 2  # noise variance of θ_t / μ_t about θ_0
+        prec = 1.0 + info / w + 1.0 / r
+        theta_hat = (minfo / w + c / (mu * r)) / prec
+        return out_s, ((c - mu * theta_hat) / sig).unsqueeze(1)
     if static_theta:
         # The mean over windows: the prior the states put on θ counts as one window's. Counting
         # each transition once instead (s_prior + Σ_j (s_j − s_prior)/(W − 1)) makes the θ score
@@ -176,17 +214,50 @@ def composed_eps(
     return out_s, out_t
 
 
+def _window_evidence(
+    eps_fn: EpsFn, ws: torch.Tensor, wt: torch.Tensor, et_centre: torch.Tensor, tw: torch.Tensor,
+    mu: torch.Tensor, sig: torch.Tensor, w: int, fd: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of windows' evidence on a static θ (:func:`composed_eps`): ``(1/v_j − 1,
+    m_j / v_j)``, each ``(G, P)``, zero where a window reads no evidence (``1/v_j ≤ 1``).
+
+    ``ws``, ``wt``: the windows (θ the same at all W positions), ``et_centre (G, P)`` their
+    centre θ outputs, ``tw``, ``mu``, ``sig`` ``(G,)``.
+    """
+    k = w // 2
+    mu, sig = mu[:, None], sig[:, None]
+    y = wt[:, k] / mu                                  # θ_t / μ_t
+    theta_hat = y - sig * et_centre / mu               # E[θ_0 | window, θ̄ = θ_t]
+    slope = torch.empty_like(theta_hat)
+    h = fd * sig[:, 0]                                 # (G,)
+    with torch.no_grad():  # the slope is a local constant of the Gaussian reading
+        for q in range(wt.shape[2]):
+            shifted = wt.clone()
+            shifted[:, :, q] += h[:, None]
+            _, e1 = eps_fn(ws, shifted, tw)
+            hat1 = (shifted[:, k, q] - sig[:, 0] * e1[:, k, q]) / mu[:, 0]
+            slope[:, q] = (hat1 - theta_hat[:, q].detach()) / (h / mu[:, 0])
+    # a slope outside (0, 1) is no Gaussian reading (network error): clamp, and drop below
+    kk = slope.clamp(1e-4, 1.0 - 1e-4)
+    r_w = (sig / mu) ** 2 / w                          # the network's belief: θ̄ noise σ²/W
+    inv_v = (1.0 - kk) / (kk * r_w)
+    m = (theta_hat - kk * y) / (1.0 - kk)
+    keep = inv_v > 1.0
+    zero = torch.zeros_like(inv_v)
+    return torch.where(keep, inv_v - 1.0, zero), torch.where(keep, m * inv_v, zero)
+
+
 def trajectory_eps(eps_fn: EpsFn, window: int, *, chunk: int | None = None,
-                   static_theta: bool = False) -> EpsFn:
+                   static_theta: bool = False, schedule: VPSchedule | None = None) -> EpsFn:
     """``eps_fn`` over windows of ``W`` states turned into one over whole trajectories
     (:func:`composed_eps`), the form :func:`sample_posterior` takes (with ``static_theta``,
-    sample with ``theta_frames=1``)."""
+    sample with ``theta_frames=1``; with ``schedule`` too, θ by evidence composition)."""
 
     def eps(
         x_state: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return composed_eps(eps_fn, x_state, x_theta, t, window, chunk=chunk,
-                            static_theta=static_theta)
+                            static_theta=static_theta, schedule=schedule)
 
     return eps
 
