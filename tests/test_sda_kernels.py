@@ -454,6 +454,20 @@ def test_theta_posterior_and_batch_independence():
     assert not torch.allclose(both_s[1], both_s[3])
 
 
+def _static_theta_case():
+    """The θ + noise chain with L = 10, 2 sites, all sites observed at times 2 and 7 (σ_y = SY):
+    ``(length, sites, y, Kalman θ mean, Kalman θ sd, observe)``."""
+    length, sites, times = 10, 2, [2, 7]
+    idx = torch.tensor([i * sites + s for i in times for s in range(sites)])
+    y = torch.tensor([1.5, 0.7, 1.1, 1.4], dtype=F64)
+    k_mean, k_cov = _kalman(theta_cov(length, sites), idx, y, SY)
+
+    def observe(s, p):
+        return s[:, times, 0, :].reshape(s.shape[0], -1)
+
+    return length, sites, y, float(k_mean[-1]), math.sqrt(float(k_cov[-1, -1])), observe
+
+
 def test_static_theta_evidence_composition_recovers_the_posterior_spread():
     """Static θ with the evidence composition (``schedule`` given): on the θ + noise chain of
     :func:`test_theta_posterior_and_batch_independence` (k = 2, 512 samples, 128 steps, C = 1,
@@ -461,14 +475,7 @@ def test_static_theta_evidence_composition_recovers_the_posterior_spread():
     mean of windows: 0.861 / 1.18), and without observations θ sd 1.018 (prior 1; pooled:
     1.60). Asserted: mean within 0.15 Kalman sd, sd ratio in [0.9, 1.25], prior sd in
     [0.9, 1.12]; and the pooled composition's prior is measurably wider (> 1.3)."""
-    length, sites, times = 10, 2, [2, 7]
-    idx = torch.tensor([i * sites + s for i in times for s in range(sites)])
-    y = torch.tensor([1.5, 0.7, 1.1, 1.4], dtype=F64)
-    k_mean, k_cov = _kalman(theta_cov(length, sites), idx, y, SY)
-    th_mean, th_sd = float(k_mean[-1]), math.sqrt(float(k_cov[-1, -1]))
-
-    def observe(s, p):
-        return s[:, times, 0, :].reshape(s.shape[0], -1)
+    length, sites, y, th_mean, th_sd, observe = _static_theta_case()
 
     eps = trajectory_eps(theta_eps(), 5, static_theta=True, schedule=SCHED)
     run = functools.partial(sample_posterior, eps, SCHED, (length, 1, sites), 1, _gens(512),
@@ -529,14 +536,7 @@ def test_static_theta_pools_windows_and_samples_one_vector():
     with pytest.raises(ValueError, match="static"):
         composed_eps(eps_fn, xs, xt, t, window, static_theta=True)
 
-    length, sites, times = 10, 2, [2, 7]
-    idx = torch.tensor([i * sites + s for i in times for s in range(sites)])
-    y = torch.tensor([1.5, 0.7, 1.1, 1.4], dtype=F64)
-    k_mean, k_cov = _kalman(theta_cov(length, sites), idx, y, SY)
-    th_mean, th_sd = float(k_mean[-1]), math.sqrt(float(k_cov[-1, -1]))
-
-    def observe(s, p):
-        return s[:, times, 0, :].reshape(s.shape[0], -1)
+    length, sites, y, th_mean, th_sd, observe = _static_theta_case()
 
     eps = trajectory_eps(theta_eps(), 5, static_theta=True)
     xs, xt = sample_posterior(eps, SCHED, (length, 1, sites), 1, _gens(512),
