@@ -218,7 +218,7 @@ def store_selection(cfg: SurrogateConfig) -> tuple[Path, str, list[int]]:
     import numpy as np
     import zarr
 
-    from pipeline.store import finished_store_config, layout
+    from pipeline.store import SPLIT_NAMES, finished_store_config, layout
 
     d = cfg.data
     assert d.store is not None
@@ -247,7 +247,7 @@ def store_selection(cfg: SurrogateConfig) -> tuple[Path, str, list[int]]:
     if gcfg.frames < d.frames:
         raise bad(f"has {gcfg.frames} frames per trajectory, data.frames asks for {d.frames}")
     codes = np.asarray(zarr.open_array(path / "split", mode="r")[:])
-    train = np.nonzero(codes == 0)[0].tolist()
+    train = np.nonzero(codes == SPLIT_NAMES.index("train"))[0].tolist()
     if len(train) < d.trajectories:
         raise bad(f"has {len(train)} train-split trajectories, data.trajectories asks for "
                   f"{d.trajectories}")
