@@ -96,6 +96,7 @@ def composed_eps(
     static_theta: bool = False,
     schedule: VPSchedule | None = None,
     theta_fd: float = 0.1,
+    theta_prior: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise prediction of whole trajectories assembled from a window network.
 
@@ -122,6 +123,17 @@ def composed_eps(
         schedule: the network's noise schedule; with ``static_theta`` it selects the evidence
             composition of θ (see below).
         theta_fd: finite-difference step of the evidence composition, in units of ``σ_t``.
+        theta_prior: ``(mean (P,), std (P,))`` of the training prior of normalised θ; with
+            ``static_theta`` and ``schedule`` it selects the shared composition (below), for a
+            network trained with one θ noise per window (``theta_noise: shared``).
+
+    Static θ, shared composition. A network trained on windows whose θ copies share one noise
+    draw (the sampling situation) returns at every position ``ε̂_j ≈ −σ_t ∇_θ log p_t(x^j, θ_t)``
+    of window ``j``. The trajectory's θ score adds each window's evidence over the prior,
+    ``∇ log p(θ) + Σ_j w (∇ log p(x^j, θ) − ∇ log p(θ))``, with ``w = 1/W`` (every interior
+    frame lies in W windows); in ε form ``ε = ε_p + (1/W) Σ_j (ε̄_j − ε_p)`` with ``ε̄_j`` the
+    window's output averaged over its W positions and ``ε_p = σ_t (θ_t − μ_t m)/(μ_t² s² + σ_t²)``
+    the Gaussian prior ``N(m, s²)``'s. One window pass, no finite differences.
 
     Static θ, evidence composition. The window network was trained on W copies of θ noised
     independently, so shown one shared copy ``θ_t`` at all W positions it reads it as a copy
@@ -168,7 +180,11 @@ def composed_eps(
     out_t = x_theta.new_empty(x_theta.shape)
     p = x_theta.shape[2]
     pooled = x_theta.new_zeros(b, p)  # static θ: Σ over windows of the mean copy ε
-    evidence = static_theta and schedule is not None and p > 0
+    shared = static_theta and schedule is not None and theta_prior is not None and p > 0
+    evidence = static_theta and schedule is not None and theta_prior is None and p > 0
+    if shared:
+        mu_b, sig_b = (v.to(x_theta) for v in schedule.mu_sigma(tb, tb))
+        window_sum = x_theta.new_zeros(b, p)  # Σ_j ε̄_j
     if evidence:
         mu_b, sig_b = (v.to(x_theta) for v in schedule.mu_sigma(tb, tb))
         info = x_theta.new_zeros(b, p)   # Σ_j (1/v_j − 1)        (prior N(0, 1))
@@ -186,6 +202,8 @@ def composed_eps(
         out_s[bi, ji + k], out_t[bi, ji + k] = es[:, k], et[:, k]
         if static_theta:
             pooled = pooled.index_add(0, bi, et[:, k])
+        if shared:
+            window_sum = window_sum.index_add(0, bi, et.mean(1))
         if evidence:
             i_j, m_j = _window_evidence(eps_fn, ws, wt, et[:, k], tb[bi], mu_b[bi], sig_b[bi], w,
                                         theta_fd)
@@ -196,6 +214,12 @@ def composed_eps(
         if k and bool(last.any()):
             out_s[bi[last], length - k:] = es[last, k + 1:]
             out_t[bi[last], length - k:] = et[last, k + 1:]
+    if shared:
+        c = x_theta[:, 0]  # (B, P): the shared θ_t
+        mu, sig = mu_b[:, None], sig_b[:, None]
+        m0, s0 = (v.to(x_theta).reshape(1, -1) for v in theta_prior)  # type: ignore[union-attr]
+        e_prior = sig * (c - mu * m0) / (mu * mu * s0 * s0 + sig * sig)
+        return out_s, (e_prior + (window_sum - n * e_prior) / w).unsqueeze(1)
     if evidence:
         c = x_theta[:, 0]  # (B, P): the shared θ_t
         mu, sig = mu_b[:, None], sig_b[:, None]
@@ -248,16 +272,18 @@ def _window_evidence(
 
 
 def trajectory_eps(eps_fn: EpsFn, window: int, *, chunk: int | None = None,
-                   static_theta: bool = False, schedule: VPSchedule | None = None) -> EpsFn:
+                   static_theta: bool = False, schedule: VPSchedule | None = None,
+                   theta_prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> EpsFn:
     """``eps_fn`` over windows of ``W`` states turned into one over whole trajectories
     (:func:`composed_eps`), the form :func:`sample_posterior` takes (with ``static_theta``,
-    sample with ``theta_frames=1``; with ``schedule`` too, θ by evidence composition)."""
+    sample with ``theta_frames=1``; with ``schedule`` too, θ by evidence composition, and with
+    ``theta_prior`` as well, by the shared composition)."""
 
     def eps(
         x_state: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return composed_eps(eps_fn, x_state, x_theta, t, window, chunk=chunk,
-                            static_theta=static_theta, schedule=schedule)
+                            static_theta=static_theta, schedule=schedule, theta_prior=theta_prior)
 
     return eps
 
