@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from kernels.score.sda import SDASettings, make_window_observe, sample_posterior, trajectory_eps
+from kernels.score.sda import SDASettings, make_window_observe, sample_posterior
 from kernels.streams import generator
 from pipeline.config import CampaignConfig, ConfigError, load_yaml
 from pipeline.runtime import member_slice
@@ -131,7 +131,7 @@ class WindowFilter:
             ConfigError: one line naming the field, for a missing or mismatched model.
         """
         from pipeline.storage import OutputError
-        from pipeline.train import fingerprint, load_model
+        from pipeline.train import composed_model_eps, fingerprint, load_model
 
         s = cfg.filter.sda
         if s is None:
@@ -157,9 +157,8 @@ class WindowFilter:
         self.settings = SDASettings(steps=s.steps, corrector=s.corrector, tau=s.tau,
                                     gamma=s.gamma, ddim_eta=s.ddim_eta,
                                     theta_clip=s.theta_clip)
-        self.eps = trajectory_eps(
-            self.den.eps, int(spec["window"]), static_theta=self.static_theta,
-            schedule=self.den.schedule if s.theta_composition == "evidence" else None)
+        self.eps = composed_model_eps(self.den, spec, self.static_theta, s.theta_composition,
+                                      "filter.sda")
         # (σ_t/μ_t)² is a variance in normalised units and y is physical: γ is scaled by the
         # state's physical variance so that it keeps its meaning (as in `scoreda smooth`)
         self.gamma_scale = float(self.den.normalizer.state_std.double().square().mean())

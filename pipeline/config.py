@@ -419,10 +419,11 @@ class SDAConfig(Strict):
     ddim_eta: Annotated[float, Field(ge=0, le=1)] = 0.0  # 0 deterministic DDIM predictor, 1 ancestral
     theta_clip: Annotated[float, Field(gt=0)] | None = 4.0  # |denoised θ| ≤ this many training
                                                      # stds from the training mean (null: none)
-    # static θ from the windows: "pooled" (mean of the windows' outputs) or "evidence" (each
-    # window's Gaussian evidence weighted 1/W plus θ_t at its own noise; P extra window passes;
-    # right on Gaussian chains, over-confident with the trained Lorenz-96 network: docs/smooth.md)
-    theta_composition: Literal["evidence", "pooled"] = "pooled"
+    # static θ from the windows (docs/smooth.md): "auto" = the shared composition for a model
+    # trained with shared θ noise (each window's evidence weighted 1/W over the prior), "pooled"
+    # (mean of the windows' outputs) for a per-frame one; "evidence" (per-frame models only: a
+    # finite-difference Gaussian reading of each window; P extra window passes)
+    theta_composition: Literal["auto", "evidence", "pooled"] = "auto"
 
 
 class CampaignSDAConfig(SDAConfig):
@@ -629,6 +630,9 @@ class TrainConfig(Strict):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     eta: Annotated[float, Field(gt=0, lt=1)] = 1e-3
     theta_weight: Annotated[float, Field(ge=0)] = 1.0
+    # noise of the W θ copies of a window: "per_frame" (W draws) or "shared" (one draw, as the
+    # sampler shows a static θ; static-θ stores only): docs/train.md, docs/smooth.md
+    theta_noise: Literal["per_frame", "shared"] = "per_frame"
     batch_size: PosInt = 32                       # global batch, split over ranks
     steps: PosInt = 1000
     optim: OptimConfig = Field(default_factory=OptimConfig)

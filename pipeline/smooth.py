@@ -35,7 +35,7 @@ import torch
 
 from kernels import metrics
 from kernels.observe import add_noise, make_operator
-from kernels.score.sda import SDASettings, make_window_observe, sample_posterior, trajectory_eps
+from kernels.score.sda import SDASettings, make_window_observe, sample_posterior
 from kernels.streams import generator
 from pipeline.config import (
     ConfigError,
@@ -59,7 +59,7 @@ class Problem:
 
     def __init__(self, cfg: SmoothConfig) -> None:
         from pipeline.train import CONFIG as TRAIN_CONFIG
-        from pipeline.train import WindowSource, load_model
+        from pipeline.train import WindowSource, composed_model_eps, load_model
 
         self.cfg = cfg
         run = Path(cfg.model_run)
@@ -125,6 +125,8 @@ class Problem:
         # (kernels.score.sda: per-frame copies of a static θ drift apart and diverge)
         self.gcfg = store_config(Path(tcfg.store))
         self.static_theta = self.gcfg.theta.mode != "walk"
+        self.eps = composed_model_eps(self.den, self.spec, self.static_theta,
+                                      cfg.sda.theta_composition, "sda")
 
     def _sigma_flat(self, dtype: torch.dtype) -> float | torch.Tensor:
         """σ for the flattened ``(T_obs · m)`` observations of the window."""
@@ -153,8 +155,7 @@ class Problem:
         # by the squared physical std of the state (mean over channels) so γ keeps its meaning
         scale = float(den.normalizer.state_std.double().square().mean())
         xs, xt = sample_posterior(
-            trajectory_eps(den.eps, self.spec["window"], static_theta=self.static_theta,
-                           schedule=den.schedule if s.theta_composition == "evidence" else None),
+            self.eps,
             den.schedule,
             (cfg.length, *self.frame_shape), len(self.spec["params"]), gens, settings,
             observe=observe, y=self.y.reshape(-1).to(dtype), sigma_y=self._sigma_flat(dtype),

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from kernels.assimilation import block_range
-from kernels.score import Normalizer, VPSchedule, WindowDenoiser, build_network, dsm_loss
+from kernels.score import Normalizer, VPSchedule, WindowDenoiser, build_network, dsm_loss, trajectory_eps
 from kernels.score.denoiser import denoising_error
 from kernels.streams import generator
 from pipeline.config import ConfigError, TrainConfig, dump, load_yaml, resolve_config_path, validate
@@ -95,6 +95,7 @@ class WindowSource:
         self.arrays = [zarr.open_array(store / a.name, mode="r") for a in specs]
         self.names = [a.name for a in specs]
         self.model_name, self.grid, self.model_cfg = gcfg.model.name, grid, gcfg.model
+        self.theta_mode = gcfg.theta.mode
         self.channels, self.spatial = len(specs), tuple(specs[0].shape[2:])
         self.frames, self.chunk_frames = gcfg.frames, gcfg.store.chunk_frames
         self.dt_frames = gcfg.model.dt * gcfg.save_every
@@ -194,13 +195,21 @@ class Sampler:
 
 
 def global_noise(seed: int, step: int, batch: int, state_shape: tuple[int, ...],
-                 theta_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 theta_shape: tuple[int, ...], shared_theta: bool = False,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``t (B,)``, ε_state ``(B, *state_shape)``, ε_θ ``(B, *theta_shape)`` of a whole global
-    batch from the stream ``(seed, "noise", step)`` (the order of ``draw_noise``)."""
+    batch from the stream ``(seed, "noise", step)`` (the order of ``draw_noise``).
+
+    ``shared_theta``: one θ noise per window, the same at all W frames of ``theta_shape =
+    (W, P)`` (a static θ is sampled as one vector shown to every frame: kernels.score.sda)."""
     g = generator(seed, "noise", step)
     t = torch.rand(batch, generator=g)
-    return (t, torch.randn((batch, *state_shape), generator=g),
-            torch.randn((batch, *theta_shape), generator=g))
+    ns = torch.randn((batch, *state_shape), generator=g)
+    if shared_theta:
+        nt = torch.randn((batch, 1, *theta_shape[1:]), generator=g).expand(batch, *theta_shape)
+    else:
+        nt = torch.randn((batch, *theta_shape), generator=g)
+    return t, ns, nt
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,10 +224,52 @@ def build_denoiser(spec: dict[str, Any]) -> WindowDenoiser:
 
 
 def model_spec(cfg: TrainConfig, src: WindowSource) -> dict[str, Any]:
+    """What rebuilds and describes the model: network, data layout, the θ noise of training and
+    θ's training prior (mean and std of the unconstrained θ over the train split's frames)."""
+    shared = cfg.theta_noise == "shared"
+    trajs = torch.from_numpy(np.unique(src.index[:, 0]))
+    prior = src.theta_u[trajs].double().reshape(-1, len(src.param_names))
     return {"kind": cfg.network.kind, "options": dict(cfg.network.options), "window": cfg.window,
             "channels": src.channels, "spatial": list(src.spatial), "params": src.param_names,
             "eta": cfg.eta, "model": src.model_name, "model_config": src.model_cfg.model_dump(mode="json"),
-            "grid": src.grid, "variables": src.names, "dt_frames": src.dt_frames}
+            "grid": src.grid, "variables": src.names, "dt_frames": src.dt_frames,
+            "theta_noise": "shared" if shared else "per_frame",
+            "theta_prior": {"mean": prior.mean(0).tolist(), "std": prior.std(0, correction=0).tolist()}}
+
+
+def theta_prior_normalised(
+    den: WindowDenoiser, spec: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The shared composition's prior ``(mean (P,), std (P,))`` of normalised θ for a model
+    trained with shared θ noise (kernels.score.sda.composed_eps); None for any other model."""
+    if spec.get("theta_noise") != "shared" or not spec["params"]:
+        return None
+    norm = den.normalizer
+    m = torch.tensor(spec["theta_prior"]["mean"], dtype=norm.theta_mean.dtype, device=norm.theta_mean.device)
+    s = torch.tensor(spec["theta_prior"]["std"], dtype=norm.theta_std.dtype, device=norm.theta_std.device)
+    return (m - norm.theta_mean) / norm.theta_std, (s / norm.theta_std).clamp_min(1e-6)
+
+
+def composed_model_eps(den: WindowDenoiser, spec: dict[str, Any], static_theta: bool,
+                       composition: str, field: str) -> Any:
+    """The trajectory noise predictor (kernels.score.sda.trajectory_eps) of a trained model.
+
+    A model trained with shared θ noise takes a static θ through the shared composition
+    (``composition`` must be ``auto``); a per-frame model takes ``pooled`` (also for ``auto``)
+    or ``evidence``. ``field`` names the config section in errors (``sda``, ``filter.sda``).
+    """
+    w = int(spec["window"])
+    prior = theta_prior_normalised(den, spec)
+    if prior is None:
+        return trajectory_eps(den.eps, w, static_theta=static_theta,
+                              schedule=den.schedule if composition == "evidence" else None)
+    if not static_theta:
+        raise ConfigError(f"{field}: the model was trained with one θ noise per window "
+                          "(theta_noise: shared) and samples only a static θ")
+    if composition != "auto":
+        raise ConfigError(f"{field}.theta_composition: {composition} is for models trained with "
+                          "per-frame θ noise; this one shares it (use auto)")
+    return trajectory_eps(den.eps, w, static_theta=True, schedule=den.schedule, theta_prior=prior)
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[WindowDenoiser, dict[str, Any]]:
@@ -363,6 +414,9 @@ class Trainer:
         self.valid = WindowSource(cfg, "valid")
         self.sampler = Sampler(len(self.src), cfg.batch_size, cfg.seed)
         self.rows = block_range(cfg.batch_size, size, rank)
+        if cfg.theta_noise == "shared" and self.src.theta_mode == "walk":
+            raise ConfigError("theta_noise: shared is for a static θ; the store's θ walks "
+                              "(use per_frame)")
         self.spec = model_spec(cfg, self.src)
         try:  # a bad network option is bad input: refuse it before the run directory exists
             build_denoiser(self.spec)
@@ -467,7 +521,8 @@ class Trainer:
         rows = torch.randperm(len(v), generator=g)[:cfg.valid_windows].numpy()
         state, theta = v.read(rows)
         state, theta = state.to(self.device, self.dtype), theta.to(self.device, self.dtype)
-        t, ns, nt = global_noise(cfg.seed, -1, len(rows), tuple(state.shape[1:]), tuple(theta.shape[1:]))
+        t, ns, nt = global_noise(cfg.seed, -1, len(rows), tuple(state.shape[1:]), tuple(theta.shape[1:]),
+                                 self.spec["theta_noise"] == "shared")
         draws = (t.to(state), ns.to(state), nt.to(state))
         loss = float(dsm_loss(den, state, theta, theta_weight=cfg.theta_weight, draws=draws))
         err = denoising_error(den, state, theta, 0.5, (ns.to(state), nt.to(state)),
@@ -503,7 +558,8 @@ class Trainer:
                         nxt = pool.submit(self._batch, st.step + 1)
                     state = state.to(self.device, self.dtype, non_blocking=True)
                     theta = theta.to(self.device, self.dtype, non_blocking=True)
-                    t, ns, nt = global_noise(cfg.seed, st.step, cfg.batch_size, shape_s, shape_t)
+                    t, ns, nt = global_noise(cfg.seed, st.step, cfg.batch_size, shape_s, shape_t,
+                                             self.spec["theta_noise"] == "shared")
                     sl = slice(self.rows.start, self.rows.stop)
                     draws = (t[sl].to(state), ns[sl].to(state), nt[sl].to(state))
                     t1 = time.perf_counter()

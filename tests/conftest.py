@@ -75,22 +75,23 @@ def make_l96_store():
 def train_l96_window_model(make_l96_store):
     """``train(directory, steps) -> run_dir``: a Lorenz-96 store of 16 trajectories (d = 20,
     F per trajectory, frames 0.1 apart) and a window model (W = 3, ring w16 d2) trained
-    ``steps`` steps on it in this process."""
+    ``steps`` steps on it in this process, in ``directory/name``; ``over``: more config keys."""
     from pipeline import train as tr
     from pipeline.config import TrainConfig, validate
 
-    def train(d, steps: int):
-        make_l96_store(d / "l96.zarr", 20, 16, 32)
+    def train(d, steps: int, name: str = "run", **over):
+        if not (d / "l96.zarr").exists():
+            make_l96_store(d / "l96.zarr", 20, 16, 32)
         cfg = validate({"stage": "train", "store": str(d / "l96.zarr"), "window": 3,
                         "network": {"kind": "ring", "options": {"width": 16, "depth": 2}},
                         "batch_size": 32, "steps": steps, "log_every": steps // 3,
                         "validate_every": steps, "checkpoint_every": steps,
-                        "optim": {"lr": 3e-3, "warmup": 10}}, TrainConfig)
+                        "optim": {"lr": 3e-3, "warmup": 10}, **over}, TrainConfig)
         threads = torch.get_num_threads()
         try:
-            assert tr.start(cfg, d / "run") == tr.EXIT_DONE
+            assert tr.start(cfg, d / name) == tr.EXIT_DONE
         finally:
             torch.set_num_threads(threads)
-        return d / "run"
+        return d / name
 
     return train

@@ -17,7 +17,7 @@ import yaml
 from pipeline import smooth as sm
 from pipeline import train as tr
 from pipeline.cli import main
-from pipeline.config import SmoothConfig, validate
+from pipeline.config import ConfigError, SmoothConfig, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -68,17 +68,31 @@ def test_smooth_writes_samples_metrics_and_plots(tmp_path, model_run):
     assert 0.3 < resid.std() < 0.7
 
 
-def test_theta_composition_reaches_the_sampler(tmp_path, model_run):
-    """`sda.theta_composition: evidence` changes θ (and only through the composition: the same
-    streams), stays finite and keeps one θ per sample."""
+def test_theta_composition_follows_the_training_noise(tmp_path, model_run, train_l96_window_model):
+    """A per-frame model (the default) takes `pooled` (also `auto`) and `evidence`: both reach the
+    sampler (different θ from the same streams, finite, one θ per sample). A model trained with
+    `theta_noise: shared` samples through the shared composition and refuses the per-frame
+    compositions by name."""
+    _, spec = tr.load_model(model_run)
+    assert spec["theta_noise"] == "per_frame" and len(spec["theta_prior"]["mean"]) == 1
     out = {}
-    for comp in ("pooled", "evidence"):
+    for comp in ("auto", "pooled", "evidence"):
         cfg = make_cfg(model_run, samples=4, sda={"steps": 12, "theta_composition": comp})
         sm.smooth(cfg, tmp_path / comp)
         out[comp] = xr.open_zarr(tmp_path / comp / sm.STORE, consolidated=False)["theta"].values
+    assert np.array_equal(out["auto"], out["pooled"])
     assert np.isfinite(out["evidence"]).all() and out["evidence"].shape == out["pooled"].shape
     assert np.array_equal(out["evidence"], np.repeat(out["evidence"][:, :1], 12, axis=1))
     assert not np.allclose(out["evidence"], out["pooled"])
+
+    shared = train_l96_window_model(model_run.parent, 150, name="shared", theta_noise="shared")
+    assert tr.load_model(shared)[1]["theta_noise"] == "shared"
+    for comp in ("pooled", "evidence"):
+        with pytest.raises(ConfigError, match="sda.theta_composition"):
+            sm.Problem(make_cfg(shared, sda={"theta_composition": comp}))
+    sm.smooth(make_cfg(shared, samples=4, sda={"steps": 12}), tmp_path / "shared")
+    th = xr.open_zarr(tmp_path / "shared" / sm.STORE, consolidated=False)["theta"].values
+    assert np.isfinite(th).all() and not np.allclose(th, out["pooled"])
 
 
 @pytest.mark.mpi

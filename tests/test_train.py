@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -172,6 +173,7 @@ def test_loss_falls_and_denoiser_beats_trivial(tmp_path, store):
     assert spec["params"] == ["F"] and spec["window"] == 5
     src = tr.WindowSource(cfg, "test")
     state, theta = src.read(torch.arange(64).numpy())
+    assert spec["theta_noise"] == "per_frame"
     err = tr.denoising_error(den, state, theta, 0.5, generator=torch.Generator().manual_seed(0))
     assert err.learned < 0.7 * err.trivial  # held-out (test split) windows: 0.45 vs 0.79 here
 
@@ -231,3 +233,42 @@ def test_existing_run_dir_and_corrupt_checkpoint(tmp_path, store, capsys):
     assert "step-00000004.pt" in msg
     msg = _err(capsys, ["train", "--resume", str(tmp_path / "nope")])
     assert "nope" in msg
+
+
+def test_theta_noise_shared_draws_one_noise_per_window(tmp_path, store, capsys, monkeypatch):
+    """`theta_noise: shared` draws one θ noise per window (the W copies equal; t and the state
+    noise untouched by the choice), `per_frame` (the default) W draws. The model spec records
+    the choice and θ's training prior (unconstrained F over the train split); a shared model
+    trains (loss falls). A store whose θ walks refuses `shared` by name, writing nothing."""
+    src = tr.WindowSource(make_cfg(store), "train")
+    assert tr.model_spec(make_cfg(store), src)["theta_noise"] == "per_frame"
+    spec = tr.model_spec(make_cfg(store, theta_noise="shared"), src)
+    assert spec["theta_noise"] == "shared"
+    f = src.theta_u[torch.from_numpy(np.unique(src.index[:, 0])), 0, 0].double()
+    assert spec["theta_prior"]["mean"] == pytest.approx([float(f.mean())])
+    assert spec["theta_prior"]["std"] == pytest.approx([float(f.std(correction=0))])
+    t1, s1, n1 = tr.global_noise(3, 7, 8, (5, 1, 40), (5, 2), shared_theta=True)
+    t0, s0, n0 = tr.global_noise(3, 7, 8, (5, 1, 40), (5, 2))
+    assert n1.shape == n0.shape == (8, 5, 2)
+    assert torch.equal(n1, n1[:, :1].expand(-1, 5, -1)) and not torch.equal(n0, n0[:, :1].expand(-1, 5, -1))
+    assert torch.equal(t1, t0) and torch.equal(s1, s0)
+
+    cfg = make_cfg(store, theta_noise="shared", steps=60, log_every=20, validate_every=60,
+                   checkpoint_every=60)
+    assert in_process(tr.start, cfg, tmp_path / "run") == tr.EXIT_DONE
+    loss = losses(tmp_path / "run")
+    assert loss[-1][1] < 0.8 * loss[0][1]
+    assert tr.load_model(tmp_path / "run")[1]["theta_noise"] == "shared"
+
+    from pipeline import store as st
+
+    real = st.finished_store_config
+
+    def walking(path):  # the same store read as if its θ walked
+        gen = real(path)
+        return gen.model_copy(update={"theta": gen.theta.model_copy(update={"mode": "walk"})})
+
+    monkeypatch.setattr(st, "finished_store_config", walking)
+    cfg_file = write_cfg(tmp_path / "w.yaml", make_cfg(store, theta_noise="shared"))
+    assert "theta_noise" in _err(capsys, ["train", str(cfg_file), "--run-dir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
