@@ -684,6 +684,9 @@ class SmoothConfig(Strict):
     sda: SDAConfig = Field(default_factory=SDAConfig)
     ensf_members: NonNegInt = 0                      # > 0: also filter the same data with EnSF
     observations: ObservationFileConfig | None = None  # y(obs_time, obs) from a file: no truth
+    # "observations": states and θ given y (SDA); "truth_states": θ alone given the window's true
+    # states, no y (what the network itself reads about θ: a diagnostic, docs/smooth.md)
+    condition: Literal["observations", "truth_states"] = "observations"
     seed: NonNegInt = 0                              # streams (seed, "obs", frame), (seed, "sample", i)
     dtype: Literal["float32", "float64"] = "float32"
     device: Device = "cpu"
@@ -693,6 +696,12 @@ class SmoothConfig(Strict):
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
         return _absolute_path(v)
+
+    @model_validator(mode="after")
+    def _condition(self) -> SmoothConfig:
+        if self.condition == "truth_states" and self.observations is not None:
+            raise _field_error(("condition",), "truth_states needs the truth: drop observations")
+        return self
 
 
 STAGES["smooth"] = SmoothConfig

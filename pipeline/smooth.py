@@ -35,7 +35,12 @@ import torch
 
 from kernels import metrics
 from kernels.observe import add_noise, make_operator
-from kernels.score.sda import SDASettings, make_window_observe, sample_posterior
+from kernels.score.sda import (
+    SDASettings,
+    make_window_observe,
+    sample_posterior,
+    sample_theta_given_states,
+)
 from kernels.streams import generator
 from pipeline.config import (
     ConfigError,
@@ -125,6 +130,8 @@ class Problem:
         # (kernels.score.sda: per-frame copies of a static θ drift apart and diverge)
         self.gcfg = store_config(Path(tcfg.store))
         self.static_theta = self.gcfg.theta.mode != "walk"
+        if cfg.condition == "truth_states" and (not self.static_theta or not self.spec["params"]):
+            raise ConfigError("condition: truth_states samples a static θ; the model has none")
         self.eps = composed_model_eps(self.den, self.spec, self.static_theta,
                                       cfg.sda.theta_composition, "sda")
 
@@ -154,13 +161,19 @@ class Problem:
         # (σ_t/μ_t)² is a variance in normalised units; the observations are physical: scale γ
         # by the squared physical std of the state (mean over channels) so γ keeps its meaning
         scale = float(den.normalizer.state_std.double().square().mean())
-        xs, xt = sample_posterior(
-            self.eps,
-            den.schedule,
-            (cfg.length, *self.frame_shape), len(self.spec["params"]), gens, settings,
-            observe=observe, y=self.y.reshape(-1).to(dtype), sigma_y=self._sigma_flat(dtype),
-            gamma_scale=scale, dtype=dtype, device=cfg.device,
-            theta_frames=1 if self.static_theta else None)
+        if cfg.condition == "truth_states":
+            x0, _ = den.normalizer.encode(self.truth.to(dtype=dtype, device=cfg.device),
+                                          torch.zeros(len(self.spec["params"]), dtype=dtype,
+                                                      device=cfg.device))
+            xt = sample_theta_given_states(self.eps, den.schedule, x0, len(self.spec["params"]),
+                                           gens, s.steps, theta_frames=1, theta_clip=s.theta_clip)
+            xs = x0.unsqueeze(0).expand(len(gens), *x0.shape)
+        else:
+            xs, xt = sample_posterior(
+                self.eps, den.schedule, (cfg.length, *self.frame_shape), len(self.spec["params"]),
+                gens, settings, observe=observe, y=self.y.reshape(-1).to(dtype),
+                sigma_y=self._sigma_flat(dtype), gamma_scale=scale, dtype=dtype, device=cfg.device,
+                theta_frames=1 if self.static_theta else None)
         xt = xt.expand(-1, cfg.length, -1)  # static θ: the same vector at every frame
         with torch.no_grad():
             state, theta_u = den.normalizer.decode(xs, xt)
@@ -297,6 +310,14 @@ def write_outputs(p: Problem, out: Path, state: torch.Tensor, theta: torch.Tenso
 
 
 def summary_lines(met: dict[str, Any]) -> list[str]:
+    if met.get("condition") == "truth_states":
+        lines = [f"θ given the true states (no observations): {met['samples']} samples, "
+                 f"{met['seconds_per_sample']:.2f} s per sample"]
+        for name, t in met.get("theta", {}).items():
+            lines.append(f"θ {name}: mean {t['mean']:.4g} ± {t['std']:.2g}, 90% [{t['lo']:.4g}, "
+                         f"{t['hi']:.4g}], truth {t['truth']:.4g} "
+                         f"({'covered' if t['covered'] else 'NOT covered'})")
+        return lines
     lines = [f"SDA smoothing: {met['samples']} samples; posterior-mean RMSE {met['rmse_mean']:.4f} "
              f"(truth std {met['truth_std']:.3f}), spread {met['spread']:.4f}, CRPS {met['crps']:.4f}",
              f"observation residual std / σ_y: {met['residual_std_over_sigma']:.3f} "
@@ -419,7 +440,8 @@ def smooth(cfg: SmoothConfig, out: str | Path, overwrite: bool = False,
     if not (torch.isfinite(state).all() and torch.isfinite(theta).all()):
         raise OutputError("smooth: non-finite samples (lower sda.tau or raise sda.steps)")
     met = evaluate(p, state, theta)
-    met.update(seconds=wall, ranks=size, seconds_per_sample=wall * size / cfg.samples)
+    met.update(seconds=wall, ranks=size, seconds_per_sample=wall * size / cfg.samples,
+               condition=cfg.condition)
     if cfg.ensf_members and p.has_truth:
         met["ensf"] = ensf_baseline(p, cfg.ensf_members)
     tmp = out.with_name(f".{out.name}.tmp")

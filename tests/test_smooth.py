@@ -95,6 +95,24 @@ def test_theta_composition_follows_the_training_noise(tmp_path, model_run, train
     assert np.isfinite(th).all() and not np.allclose(th, out["pooled"])
 
 
+def test_theta_given_the_true_states(tmp_path, model_run):
+    """`condition: truth_states` samples θ alone given the window's true states: the stored
+    states are the truth in every sample, θ one finite vector per sample, the summary says what
+    was conditioned on; with an observations file it is refused by name."""
+    cfg = make_cfg(model_run, samples=4, sda={"steps": 16}, condition="truth_states")
+    met = sm.smooth(cfg, tmp_path / "given")
+    assert met is not None and met["condition"] == "truth_states"
+    ds = xr.open_zarr(tmp_path / "given" / sm.STORE, consolidated=False)
+    np.testing.assert_allclose(ds["x"].values, np.broadcast_to(ds["truth_x"].values, ds["x"].shape),
+                               rtol=1e-5, atol=1e-4)
+    th = ds["theta"].values
+    assert np.isfinite(th).all() and np.array_equal(th, np.repeat(th[:, :1], 12, axis=1))
+    assert sm.summary_lines(met)[0].startswith("θ given the true states")
+    with pytest.raises(ValueError, match="condition"):
+        make_cfg(model_run, condition="truth_states",
+                 observations={"path": str(tmp_path / "y.nc"), "variable": "y"})
+
+
 @pytest.mark.mpi
 @pytest.mark.skipif(not (BIN / "mpiexec").exists(), reason="no mpiexec in the venv")
 def test_samples_do_not_depend_on_the_rank_count(tmp_path, model_run):

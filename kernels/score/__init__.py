@@ -31,6 +31,7 @@ from kernels.score.sda import (
     make_window_observe,
     posterior_eps,
     sample_posterior,
+    sample_theta_given_states,
     trajectory_eps,
 )
 
@@ -57,6 +58,7 @@ __all__ = [
     "make_window_observe",
     "posterior_eps",
     "sample_posterior",
+    "sample_theta_given_states",
     "trajectory_eps",
     "trivial_dsm_loss",
 ]

@@ -70,6 +70,7 @@ __all__ = [
     "make_window_observe",
     "posterior_eps",
     "sample_posterior",
+    "sample_theta_given_states",
     "trajectory_eps",
 ]
 
@@ -612,3 +613,68 @@ def sample_posterior(
                 xs = xs - sig_n * (ds * es + torch.sqrt(2 * ds) * zs)
                 xt = xt - sig_n * (dt_ * et + torch.sqrt(2 * dt_) * zt)
     return xs, xt
+
+
+def sample_theta_given_states(
+    eps_fn: EpsFn,
+    schedule: VPSchedule,
+    x_state: torch.Tensor,
+    n_params: int,
+    generators: Sequence[torch.Generator],
+    steps: int = 64,
+    *,
+    theta_frames: int | None = None,
+    theta_clip: float | None = None,
+) -> torch.Tensor:
+    """θ alone from what the network reads in *known* states: ``θ ~ p(θ | x_{1:L})``.
+
+    A diagnostic of the window network's own evidence on θ (no observations, no likelihood):
+    ancestral (DDPM) steps on θ from ``t = 1`` to 0, the states replaced at every step by the
+    given clean window noised to that step's level, ``μ_t x + σ_t z``, with fresh ``z``.
+
+    Args:
+        eps_fn: trajectory noise predictor (:func:`trajectory_eps`), normalised space.
+        schedule: the noise schedule.
+        x_state: the clean window, normalised, ``(L, C, *spatial)``.
+        n_params: ``P ≥ 1``.
+        generators: one per sample (streams as in :func:`sample_posterior`).
+        steps: ancestral steps.
+        theta_frames: ``1`` (static θ, with ``trajectory_eps(..., static_theta=True)``) or
+            ``L`` (default).
+        theta_clip: bound on the denoised θ (:class:`SDASettings`), None for none.
+
+    Returns:
+        ``x_theta (B, theta_frames, P)`` at ``t = 0``, normalised.
+    """
+    if n_params < 1 or steps < 1 or len(generators) < 1:
+        raise ValueError(f"need n_params >= 1, steps >= 1 and a generator, got {n_params}, "
+                         f"{steps}, {len(generators)}")
+    b, length = len(generators), x_state.shape[0]
+    t_frames = length if theta_frames is None else int(theta_frames)
+    if t_frames not in (1, length):
+        raise ValueError(f"theta_frames must be 1 or L = {length}, got {theta_frames!r}")
+    d_state = x_state.numel()
+    d = d_state + t_frames * n_params
+    noise = _NoiseStream(generators, d, steps + 1, 1 << 20, x_state.dtype, x_state.device)
+
+    def ms(t: float) -> tuple[float, float]:
+        tt = torch.tensor(t, dtype=torch.float64)
+        return float(schedule.mu(tt)), float(schedule.sigma(tt))
+
+    xt = noise.draw()[:, d_state:].reshape(b, t_frames, n_params)
+    with torch.no_grad():
+        for j in range(steps):
+            t, t_next = 1.0 - j / steps, 1.0 - (j + 1) / steps
+            (mu, sig), (mu_n, sig_n) = ms(t), ms(t_next)
+            z = noise.draw()
+            xs = mu * x_state.unsqueeze(0) + sig * z[:, :d_state].reshape(b, *x_state.shape)
+            _, et = eps_fn(xs, xt, torch.full((b,), t, dtype=x_state.dtype, device=x_state.device))
+            x0 = (xt - sig * et) / mu
+            if theta_clip is not None:
+                x0 = x0.clamp(-theta_clip, theta_clip)
+            # q(θ_s | θ_t, θ̂_0) of the VP process
+            var_ts = max(sig**2 - (mu / mu_n) ** 2 * sig_n**2, 0.0)
+            mean = (mu_n * var_ts / sig**2) * x0 + ((mu / mu_n) * sig_n**2 / sig**2) * xt
+            std = math.sqrt(var_ts) * sig_n / sig
+            xt = mean + std * z[:, d_state:].reshape(b, t_frames, n_params)
+    return xt
