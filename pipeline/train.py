@@ -264,8 +264,8 @@ def composed_model_eps(den: WindowDenoiser, spec: dict[str, Any], static_theta: 
         return trajectory_eps(den.eps, w, static_theta=static_theta,
                               schedule=den.schedule if composition == "evidence" else None)
     if not static_theta:
-        raise ConfigError(f"{field}: the model was trained with one θ noise per window "
-                          "(theta_noise: shared) and samples only a static θ")
+        raise ConfigError(f"{field}.static_theta: the model was trained with one θ noise per "
+                          "window (theta_noise: shared) and samples only a static θ")
     if composition != "auto":
         raise ConfigError(f"{field}.theta_composition: {composition} is for models trained with "
                           "per-frame θ noise; this one shares it (use auto)")

@@ -184,6 +184,27 @@ def test_bad_sda_settings_are_refused(tmp_path, model_run, capsys, sda, field):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("sda,field", [
+    ({"static_theta": False}, "filter.sda.static_theta:"),
+    ({"theta_composition": "pooled"}, "filter.sda.theta_composition:"),
+])
+def test_a_shared_theta_model_takes_only_its_composition(tmp_path, model_run, capsys,
+                                                          train_l96_window_model, sda, field):
+    """A model trained with one θ noise per window samples a static θ through the shared
+    composition only: per-frame θ or a per-frame composition is refused by name, nothing written."""
+    shared = model_run.parent / "shared"
+    if not shared.exists():
+        train_l96_window_model(model_run.parent, 150, name="shared", theta_noise="shared")
+    data = make_cfg(shared).model_dump(mode="json")
+    data["filter"]["sda"].update(sda)
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(data))
+    assert main(["campaign", "run", str(conf), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and field in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_rules_for_method_sda(model_run):
     base = make_cfg(model_run).model_dump(mode="json")
     with pytest.raises(ConfigError, match=r"filter\.sda: method sda needs"):
