@@ -469,16 +469,11 @@ def _static_theta_case():
     return length, sites, y, float(k_mean[-1]), math.sqrt(float(k_cov[-1, -1])), observe
 
 
-def test_static_theta_evidence_composition_recovers_the_posterior_spread():
-    """Static θ with the evidence composition (``schedule`` given): on the θ + noise chain of
-    :func:`test_theta_posterior_and_batch_independence` (k = 2, 512 samples, 128 steps, C = 1,
-    τ = 0.25, γ = 1e-2) measured θ mean 0.856 and sd 0.566 (Kalman 0.868 / 0.512; the pooled
-    mean of windows: 0.861 / 1.18), and without observations θ sd 1.018 (prior 1; pooled:
-    1.60). Asserted: mean within 0.15 Kalman sd, sd ratio in [0.9, 1.25], prior sd in
-    [0.9, 1.12]; and the pooled composition's prior is measurably wider (> 1.3)."""
+def _check_static_theta_posterior(eps, prior_low: float) -> None:
+    """A static-θ composition ``eps`` on :func:`_static_theta_case` (512 samples, 128 steps, C = 1,
+    τ = 0.25, γ = 1e-2): θ mean within 0.15 Kalman sd, sd ratio in [0.9, 1.25]; without
+    observations θ sd in [prior_low, 1.12] (prior 1)."""
     length, sites, y, th_mean, th_sd, observe = _static_theta_case()
-
-    eps = trajectory_eps(theta_eps(), 5, static_theta=True, schedule=SCHED)
     run = functools.partial(sample_posterior, eps, SCHED, (length, 1, sites), 1, _gens(512),
                             dtype=F64, theta_frames=1)
     _, xt = run(SDASettings(steps=128, corrector=1, tau=0.25, gamma=1e-2), observe=observe, y=y,
@@ -486,8 +481,20 @@ def test_static_theta_evidence_composition_recovers_the_posterior_spread():
     th = xt[:, 0, 0]
     assert abs(float(th.mean()) - th_mean) < 0.15 * th_sd
     assert 0.9 < float(th.std()) / th_sd < 1.25
+    assert prior_low < float(run(SDASettings(steps=128, corrector=1, tau=0.25))[1].std()) < 1.12
+
+
+def test_static_theta_evidence_composition_recovers_the_posterior_spread():
+    """Static θ with the evidence composition (``schedule`` given): on the θ + noise chain of
+    :func:`test_theta_posterior_and_batch_independence` (k = 2, 512 samples, 128 steps, C = 1,
+    τ = 0.25, γ = 1e-2) measured θ mean 0.856 and sd 0.566 (Kalman 0.868 / 0.512; the pooled
+    mean of windows: 0.861 / 1.18), and without observations θ sd 1.018 (prior 1; pooled:
+    1.60). Asserted: mean within 0.15 Kalman sd, sd ratio in [0.9, 1.25], prior sd in
+    [0.9, 1.12]; and the pooled composition's prior is measurably wider (> 1.3)."""
+    _check_static_theta_posterior(trajectory_eps(theta_eps(), 5, static_theta=True, schedule=SCHED),
+                                  prior_low=0.9)
+    length, sites = _static_theta_case()[:2]
     prior = SDASettings(steps=128, corrector=1, tau=0.25)
-    assert 0.9 < float(run(prior)[1].std()) < 1.12
     pooled = trajectory_eps(theta_eps(), 5, static_theta=True)
     _, xp = sample_posterior(pooled, SCHED, (length, 1, sites), 1, _gens(512), prior, dtype=F64,
                              theta_frames=1)
@@ -597,17 +604,10 @@ def test_shared_composition_recovers_the_posterior_and_the_prior():
     and without observations sd 0.948 (prior 1) — what the evidence composition reaches, without
     its finite differences. Asserted: mean within 0.15 Kalman sd, sd ratio in [0.9, 1.25], prior
     sd in [0.85, 1.12]."""
-    length, sites, y, th_mean, th_sd, observe = _static_theta_case()
     prior = (torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64))
-    eps = trajectory_eps(shared_theta_eps(), 5, static_theta=True, schedule=SCHED, theta_prior=prior)
-    run = functools.partial(sample_posterior, eps, SCHED, (length, 1, sites), 1, _gens(512),
-                            dtype=F64, theta_frames=1)
-    _, xt = run(SDASettings(steps=128, corrector=1, tau=0.25, gamma=1e-2), observe=observe, y=y,
-                sigma_y=SY)
-    th = xt[:, 0, 0]
-    assert abs(float(th.mean()) - th_mean) < 0.15 * th_sd
-    assert 0.9 < float(th.std()) / th_sd < 1.25
-    assert 0.85 < float(run(SDASettings(steps=128, corrector=1, tau=0.25))[1].std()) < 1.12
+    _check_static_theta_posterior(
+        trajectory_eps(shared_theta_eps(), 5, static_theta=True, schedule=SCHED, theta_prior=prior),
+        prior_low=0.85)
 
 
 def test_theta_given_known_states_matches_the_exact_conditional():
