@@ -466,7 +466,12 @@ class Trainer:
     def restore(self, step: int) -> _State:
         path = self.run_dir / CHECKPOINTS / f"step-{step:08d}.pt"
         ckpt = _load(path)
-        if ckpt.get("spec") != self.spec:
+        spec = ckpt.get("spec")
+        if isinstance(spec, dict) and "theta_noise" not in spec:
+            # written before θ noise was a choice: per-frame noise, no prior recorded
+            spec = {**spec, "theta_noise": "per_frame", "theta_prior": self.spec.get("theta_prior")}
+            ckpt["spec"] = spec
+        if spec != self.spec:
             raise OutputError(f"{path}: written for another model or data set")
         try:
             st = self._wrap(build_denoiser(ckpt["spec"]), ckpt)

@@ -118,6 +118,11 @@ def test_kill_and_resume_is_bitwise(tmp_path, store):
     # records written after the checkpoint (as a kill would leave them) are dropped on resume
     with open(tmp_path / "split" / tr.METRICS, "a") as fh:
         fh.write(json.dumps({"step": 9, "loss": 123.0}) + "\n" + '{"step": 1')
+    # a checkpoint written before the θ noise was recorded resumes as the per-frame run it was
+    ck = tmp_path / "split" / tr.CHECKPOINTS / "step-00000005.pt"
+    old = torch.load(ck, weights_only=True)
+    old["spec"] = {k: v for k, v in old["spec"].items() if k not in ("theta_noise", "theta_prior")}
+    torch.save(old, ck)
     assert in_process(tr.resume, tmp_path / "split") == tr.EXIT_DONE
     a = torch.load(tmp_path / "straight" / tr.MODEL, weights_only=True)
     b = torch.load(tmp_path / "split" / tr.MODEL, weights_only=True)
