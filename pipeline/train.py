@@ -228,13 +228,15 @@ def model_spec(cfg: TrainConfig, src: WindowSource) -> dict[str, Any]:
     θ's training prior (mean and std of the unconstrained θ over the train split's frames)."""
     shared = cfg.theta_noise == "shared"
     trajs = torch.from_numpy(np.unique(src.index[:, 0]))
-    prior = src.theta_u[trajs].double().reshape(-1, len(src.param_names))
+    prior = src.theta_u[trajs].double().flatten(0, 1)  # (frames, P); P may be 0
+    mean = prior.mean(0)
+    std = (prior - mean).square().mean(0).sqrt()  # population std (torch warns on P = 0)
     return {"kind": cfg.network.kind, "options": dict(cfg.network.options), "window": cfg.window,
             "channels": src.channels, "spatial": list(src.spatial), "params": src.param_names,
             "eta": cfg.eta, "model": src.model_name, "model_config": src.model_cfg.model_dump(mode="json"),
             "grid": src.grid, "variables": src.names, "dt_frames": src.dt_frames,
             "theta_noise": "shared" if shared else "per_frame",
-            "theta_prior": {"mean": prior.mean(0).tolist(), "std": prior.std(0, correction=0).tolist()}}
+            "theta_prior": {"mean": mean.tolist(), "std": std.tolist()}}
 
 
 def theta_prior_normalised(

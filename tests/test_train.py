@@ -252,6 +252,8 @@ def test_theta_noise_shared_draws_one_noise_per_window(tmp_path, store, capsys, 
     f = src.theta_u[torch.from_numpy(np.unique(src.index[:, 0])), 0, 0].double()
     assert spec["theta_prior"]["mean"] == pytest.approx([float(f.mean())])
     assert spec["theta_prior"]["std"] == pytest.approx([float(f.std(correction=0))])
+    none = make_cfg(store, params=[])  # no θ learnt: an empty prior
+    assert tr.model_spec(none, tr.WindowSource(none, "train"))["theta_prior"] == {"mean": [], "std": []}
     t1, s1, n1 = tr.global_noise(3, 7, 8, (5, 1, 40), (5, 2), shared_theta=True)
     t0, s0, n0 = tr.global_noise(3, 7, 8, (5, 1, 40), (5, 2))
     assert n1.shape == n0.shape == (8, 5, 2)
