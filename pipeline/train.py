@@ -50,6 +50,7 @@ import torch
 from kernels.assimilation import block_range
 from kernels.score import Normalizer, VPSchedule, WindowDenoiser, build_network, dsm_loss, trajectory_eps
 from kernels.score.denoiser import denoising_error
+from kernels.score.sda import EpsFn
 from kernels.streams import generator
 from pipeline.config import ConfigError, TrainConfig, dump, load_yaml, resolve_config_path, validate
 from pipeline.runtime import StopSignals, init_distributed, progress, rank_logger, tune_allocator
@@ -246,14 +247,12 @@ def theta_prior_normalised(
     trained with shared θ noise (kernels.score.sda.composed_eps); None for any other model."""
     if spec.get("theta_noise") != "shared" or not spec["params"]:
         return None
-    norm = den.normalizer
-    m = torch.tensor(spec["theta_prior"]["mean"], dtype=norm.theta_mean.dtype, device=norm.theta_mean.device)
-    s = torch.tensor(spec["theta_prior"]["std"], dtype=norm.theta_std.dtype, device=norm.theta_std.device)
-    return (m - norm.theta_mean) / norm.theta_std, (s / norm.theta_std).clamp_min(1e-6)
+    return den.normalizer.encode_theta_gaussian(torch.tensor(spec["theta_prior"]["mean"]),
+                                                torch.tensor(spec["theta_prior"]["std"]))
 
 
 def composed_model_eps(den: WindowDenoiser, spec: dict[str, Any], static_theta: bool,
-                       composition: str, field: str) -> Any:
+                       composition: str, field: str) -> EpsFn:
     """The trajectory noise predictor (kernels.score.sda.trajectory_eps) of a trained model.
 
     A model trained with shared θ noise takes a static θ through the shared composition

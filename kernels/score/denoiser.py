@@ -136,6 +136,15 @@ class Normalizer(nn.Module):
         tm, ts = self.theta_mean.to(theta.dtype), self.theta_std.to(theta.dtype)
         return state * s + m, theta * ts + tm
 
+    def encode_theta_gaussian(
+        self, mean: torch.Tensor, std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A Gaussian ``N(mean, std²)`` of unconstrained θ ``(P,)`` in normalised units
+        (stds floored at 1e-6 so a degenerate prior stays finite)."""
+        m = torch.as_tensor(mean, dtype=self.theta_mean.dtype, device=self.theta_mean.device)
+        s = torch.as_tensor(std, dtype=self.theta_std.dtype, device=self.theta_std.device)
+        return (m - self.theta_mean) / self.theta_std, (s / self.theta_std).clamp_min(1e-6)
+
 
 class WindowDenoiser(nn.Module):
     """Noise predictor, denoiser and score of a diffused window, all in normalised space.

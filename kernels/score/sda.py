@@ -474,6 +474,12 @@ class SDASettings:
             _real("theta_clip", lambda v: v > 0, "None or a finite number > 0")
 
 
+def _mu_sigma(schedule: VPSchedule, t: float) -> tuple[float, float]:
+    """``(μ_t, σ_t)`` as floats, the schedule evaluated in float64 whatever the working dtype."""
+    tt = torch.tensor(t, dtype=torch.float64)
+    return float(schedule.mu(tt)), float(schedule.sigma(tt))
+
+
 class _NoiseStream:
     """Per-sample standard normals ``(B, d)``, one vector per :meth:`draw`, from one generator per
     sample, requested in blocks of ``k`` vectors where ``k`` depends only on ``d``: how
@@ -581,8 +587,7 @@ def sample_posterior(
         return es, et
 
     def ms(t: float) -> tuple[float, float]:
-        tt = torch.tensor(t, dtype=torch.float64)  # schedule in float64 whatever the working dtype
-        return float(schedule.mu(tt)), float(schedule.sigma(tt))
+        return _mu_sigma(schedule, t)
 
     stochastic = s.ddim_eta > 0
     noise = _NoiseStream(generators, d, 1 + s.steps * (s.corrector + stochastic), s.noise_block, dtype, dev)
@@ -658,8 +663,7 @@ def sample_theta_given_states(
     noise = _NoiseStream(generators, d, steps + 1, 1 << 20, x_state.dtype, x_state.device)
 
     def ms(t: float) -> tuple[float, float]:
-        tt = torch.tensor(t, dtype=torch.float64)
-        return float(schedule.mu(tt)), float(schedule.sigma(tt))
+        return _mu_sigma(schedule, t)
 
     xt = noise.draw()[:, d_state:].reshape(b, t_frames, n_params)
     with torch.no_grad():
