@@ -516,6 +516,52 @@ class CoarsePool(LinearOperator):
         return mask
 
 
+class CoarseVelocity(LinearOperator):
+    """Velocity ``(u, v)`` of a 2-D periodic vorticity field, pooled by ``factor``.
+
+    For a state that is the vorticity ``ω`` on an ``n × n`` periodic square (the Kolmogorov
+    flow): ``u = ∂ψ/∂y``, ``v = −∂ψ/∂x`` with ``∇²ψ = −ω`` (the flow model's own spectral
+    inversion, :meth:`kernels.dynamics.kolmogorov.Kolmogorov.velocity`), then block means of
+    ``factor²`` points: ``2 (n/f)²`` observations, all of u before all of v. The velocity map is
+    a real circulant with an odd imaginary symbol (``i k_y/|k|²``, ``−i k_x/|k|²``), so its
+    transpose is its negative and the adjoint costs one more velocity inversion.
+
+    Args:
+        state_shape: ``(n, n)``.
+        factor: block edge, must divide ``n``.
+        domain: side of the periodic square (the model's, ``2π`` by default).
+    """
+
+    def __init__(self, state_shape: Sequence[int], factor: int, domain: float = 2 * math.pi) -> None:
+        from kernels.dynamics.kolmogorov import Kolmogorov
+
+        super().__init__(state_shape, spatial_ndim=2)
+        n = self._spatial_shape
+        if self._channel_shape or n[0] != n[1]:
+            raise ValueError(f"coarse_velocity needs a square vorticity field (n, n), got {tuple(state_shape)}")
+        self._flow = Kolmogorov(n[0], forcing_amplitude=0.0, domain=float(domain))
+        self._pool = CoarsePool((2, *n), factor)
+
+    @property
+    def m(self) -> int:
+        return self._pool.m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self._flow.velocity(x)
+        return self._pool.forward(torch.stack([u, v], dim=1))
+
+    def adjoint(self, r: torch.Tensor) -> torch.Tensor:
+        ruv = self._pool.adjoint(r)  # (B, 2, n, n)
+        return -(self._flow.velocity(ruv[:, 0])[0] + self._flow.velocity(ruv[:, 1])[1])
+
+    def locations(self) -> torch.Tensor:
+        return self._pool.locations()
+
+    def observed_mask(self) -> torch.Tensor:
+        # every vorticity point moves the velocity everywhere (the inverse Laplacian is global)
+        return torch.ones(self._state_shape, dtype=torch.bool)
+
+
 # ------------------------------------------------------------------------------------------------
 # pointwise nonlinearities
 def _apply(kind: str, z: torch.Tensor) -> torch.Tensor:
@@ -587,7 +633,7 @@ class Nonlinear(ObservationOperator):
 
 # ------------------------------------------------------------------------------------------------
 # factory
-OPERATOR_KINDS: tuple[str, ...] = ("identity", "every_kth", "random_mask", "coarse_pool")
+OPERATOR_KINDS: tuple[str, ...] = ("identity", "every_kth", "random_mask", "coarse_pool", "coarse_velocity")
 NONLINEARITIES: tuple[str, ...] = ("arctan", "saturation")
 
 _OPTIONS: dict[str, tuple[str, ...]] = {
@@ -595,8 +641,10 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "every_kth": ("k", "offset", "channel"),
     "random_mask": ("count", "fraction", "seed", "generator", "channel"),
     "coarse_pool": ("factor", "channel"),
+    "coarse_velocity": ("factor", "domain"),
 }
-_REQUIRED: dict[str, tuple[str, ...]] = {"every_kth": ("k",), "coarse_pool": ("factor",)}
+_REQUIRED: dict[str, tuple[str, ...]] = {"every_kth": ("k",), "coarse_pool": ("factor",),
+                                         "coarse_velocity": ("factor",)}
 _COMMON = ("nonlinearity", "spatial_ndim")
 
 
@@ -604,11 +652,13 @@ def make_operator(kind: str, state_shape: Sequence[int], **options: Any) -> Obse
     """Build an operator from a config-style description.
 
     Args:
-        kind: one of ``"identity"``, ``"every_kth"``, ``"random_mask"``, ``"coarse_pool"``.
+        kind: one of ``"identity"``, ``"every_kth"``, ``"random_mask"``, ``"coarse_pool"``,
+            ``"coarse_velocity"``.
         state_shape: shape of one state.
         **options: per kind — identity: ``channel``; every_kth: ``k`` (required), ``offset``,
             ``channel``; random_mask: ``count`` or ``fraction``, ``seed`` (int) or ``generator``,
-            ``channel``; coarse_pool: ``factor`` (required), ``channel``. Every kind also takes
+            ``channel``; coarse_pool: ``factor`` (required), ``channel``; coarse_velocity (a 2-D
+            periodic vorticity state): ``factor`` (required), ``domain``. Every kind also takes
             ``nonlinearity`` (None, ``"arctan"``, ``"saturation"``) and ``spatial_ndim``.
 
     Returns:
@@ -655,8 +705,10 @@ def make_operator(kind: str, state_shape: Sequence[int], **options: Any) -> Obse
         op = RandomMask(
             state_shape, opts.get("count"), opts.get("fraction"), generator, channel, spatial_ndim
         )
-    else:
+    elif kind == "coarse_pool":
         op = CoarsePool(state_shape, opts["factor"], channel, spatial_ndim)
+    else:
+        op = CoarseVelocity(state_shape, opts["factor"], opts.get("domain", 2 * math.pi))
     return op if nonlinearity is None else Nonlinear(op, nonlinearity)
 
 

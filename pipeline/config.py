@@ -350,7 +350,8 @@ STAGES["generate"] = GenerateConfig
 class ObservationConfig(Strict):
     """The observation network: operator, nonlinearity, noise and frequency."""
 
-    kind: Literal["identity", "every_kth", "random_mask", "coarse_pool"] = "identity"
+    kind: Literal["identity", "every_kth", "random_mask", "coarse_pool",
+                  "coarse_velocity"] = "identity"
     options: dict[str, Any] = Field(default_factory=dict)
     nonlinearity: Literal["arctan", "saturation"] | None = None
     sigma: Annotated[float, Field(gt=0)] = 1.0
