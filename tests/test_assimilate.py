@@ -217,3 +217,19 @@ def test_state_snapshot_plot(tmp_path):
     assert plot_state_snapshot(ds2, tmp_path / "k.png")
     assert not plot_state_snapshot(ds2.drop_vars("truth"), tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_kolmogorov_twin_observes_pooled_velocity():
+    # the config's `coarse_velocity` reaches the kernels' operator: 2 (n/f)² velocity values,
+    # the truth's pooled (u, v) within the noise
+    from kernels.observe import make_operator
+
+    cfg = validate({"model": {"name": "kolmogorov", "size": 16}, "members": 8, "cycles": 2,
+                    "truth_spinup": 10, "observation": {"kind": "coarse_velocity", "sigma": 1e-3,
+                                                        "options": {"factor": 2}},
+                    "filter": {"method": "enkf"}}, AssimilateConfig)
+    ds = Twin(cfg).run()
+    assert ds.sizes["obs"] == 2 * 8 * 8
+    op = make_operator("coarse_velocity", (16, 16), factor=2)
+    hx = op(torch.from_numpy(ds["truth"].values))
+    assert float((torch.from_numpy(ds["y"].values) - hx).abs().max()) < 6e-3
