@@ -156,7 +156,8 @@ class Problem:
         gens = [generator(cfg.seed, "sample", i) for i in indices]
         s = cfg.sda
         settings = SDASettings(steps=s.steps, corrector=s.corrector, tau=s.tau, gamma=s.gamma,
-                               ddim_eta=s.ddim_eta, theta_clip=s.theta_clip)
+                               ddim_eta=s.ddim_eta, theta_clip=s.theta_clip,
+                               theta_guidance=s.theta_guidance)
         observe = make_window_observe(den.normalizer, self.op, self.times, self.model.state_shape)
         # (σ_t/μ_t)² is a variance in normalised units; the observations are physical: scale γ
         # by the squared physical std of the state (mean over channels) so γ keeps its meaning

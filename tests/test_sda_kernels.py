@@ -469,15 +469,15 @@ def _static_theta_case():
     return length, sites, y, float(k_mean[-1]), math.sqrt(float(k_cov[-1, -1])), observe
 
 
-def _check_static_theta_posterior(eps, prior_low: float) -> None:
+def _check_static_theta_posterior(eps, prior_low: float, theta_guidance: bool = True) -> None:
     """A static-θ composition ``eps`` on :func:`_static_theta_case` (512 samples, 128 steps, C = 1,
     τ = 0.25, γ = 1e-2): θ mean within 0.15 Kalman sd, sd ratio in [0.9, 1.25]; without
     observations θ sd in [prior_low, 1.12] (prior 1)."""
     length, sites, y, th_mean, th_sd, observe = _static_theta_case()
     run = functools.partial(sample_posterior, eps, SCHED, (length, 1, sites), 1, _gens(512),
                             dtype=F64, theta_frames=1)
-    _, xt = run(SDASettings(steps=128, corrector=1, tau=0.25, gamma=1e-2), observe=observe, y=y,
-                sigma_y=SY)
+    _, xt = run(SDASettings(steps=128, corrector=1, tau=0.25, gamma=1e-2,
+                            theta_guidance=theta_guidance), observe=observe, y=y, sigma_y=SY)
     th = xt[:, 0, 0]
     assert abs(float(th.mean()) - th_mean) < 0.15 * th_sd
     assert 0.9 < float(th.std()) / th_sd < 1.25
@@ -608,6 +608,27 @@ def test_shared_composition_recovers_the_posterior_and_the_prior():
     _check_static_theta_posterior(
         trajectory_eps(shared_theta_eps(), 5, static_theta=True, schedule=SCHED, theta_prior=prior),
         prior_low=0.85)
+
+
+def test_theta_without_guidance_follows_the_states():
+    """``theta_guidance=False``: θ's guided ε is the prior's exactly while the states' is
+    unchanged; on the θ + noise chain the sampler still recovers the Kalman posterior (measured
+    θ mean 0.856, sd 0.565 — with guidance 0.857 / 0.565; Kalman 0.868 / 0.512): the observations
+    reach θ through the states."""
+    prior = (torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64))
+    eps = trajectory_eps(shared_theta_eps(), 5, static_theta=True, schedule=SCHED, theta_prior=prior)
+    length, sites, y, _, _, observe = _static_theta_case()
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(4, length, 1, sites, generator=g, dtype=F64)
+    xt = torch.randn(4, 1, 1, generator=g, dtype=F64)
+    t = 0.5
+    guided = posterior_eps(eps, SCHED, xs, xt, t, observe, y, SY, 1e-2)
+    states_only = posterior_eps(eps, SCHED, xs, xt, t, observe, y, SY, 1e-2, theta_guidance=False)
+    _, et_prior = eps(xs, xt, torch.full((4,), t, dtype=F64))
+    assert torch.equal(states_only[0], guided[0])
+    assert torch.equal(states_only[1], et_prior)
+    assert float((guided[1] - et_prior).abs().max()) > 1e-3  # the channel it removes is real
+    _check_static_theta_posterior(eps, prior_low=0.85, theta_guidance=False)
 
 
 def test_theta_given_known_states_matches_the_exact_conditional():
