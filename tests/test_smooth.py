@@ -72,7 +72,7 @@ def test_theta_composition_follows_the_training_noise(tmp_path, model_run, train
     """A per-frame model (the default) takes `pooled` (also `auto`) and `evidence`: both reach the
     sampler (different θ from the same streams, finite, one θ per sample). A model trained with
     `theta_noise: shared` samples through the shared composition and refuses the per-frame
-    compositions by name."""
+    compositions by name. `theta_guidance: false` reaches the sampler too."""
     _, spec = tr.load_model(model_run)
     assert spec["theta_noise"] == "per_frame" and len(spec["theta_prior"]["mean"]) == 1
     out = {}
@@ -84,6 +84,11 @@ def test_theta_composition_follows_the_training_noise(tmp_path, model_run, train
     assert np.isfinite(out["evidence"]).all() and out["evidence"].shape == out["pooled"].shape
     assert np.array_equal(out["evidence"], np.repeat(out["evidence"][:, :1], 12, axis=1))
     assert not np.allclose(out["evidence"], out["pooled"])
+    # `theta_guidance: false` reaches the sampler: the same streams, another θ
+    cfg = make_cfg(model_run, samples=4, sda={"steps": 12, "theta_guidance": False})
+    sm.smooth(cfg, tmp_path / "states_only")
+    th = xr.open_zarr(tmp_path / "states_only" / sm.STORE, consolidated=False)["theta"].values
+    assert np.isfinite(th).all() and not np.allclose(th, out["pooled"])
 
     shared = train_l96_window_model(model_run.parent, 150, name="shared", theta_noise="shared")
     assert tr.load_model(shared)[1]["theta_noise"] == "shared"
