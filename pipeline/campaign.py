@@ -139,6 +139,8 @@ def hashed_config(cfg: CampaignConfig) -> dict[str, Any]:
         d.pop("observations", None)
     if d["filter"].get("sda") is None:  # likewise filter.sda (method sda only)
         d["filter"].pop("sda", None)
+    elif d["filter"]["sda"].get("theta_guidance") is True:  # and its default, the one behaviour
+        d["filter"]["sda"].pop("theta_guidance")           # before the key existed
     return d
 
 

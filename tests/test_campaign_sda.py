@@ -217,8 +217,14 @@ def test_config_rules_for_method_sda(model_run):
              ("checkpoint_every", "keep_checkpoints", "threads", "blowup", "observations")}
     with pytest.raises(ConfigError, match=r"filter\.method: sda runs .* only in `scoreda campaign`"):
         validate({**assim, "stage": "assimilate"}, AssimilateConfig)
-    # runs made before filter.sda existed keep their config hash
+    # runs made before filter.sda existed keep their config hash; so do SDA runs made before
+    # sda.theta_guidance, whose default is the behaviour they had
     assert "sda" not in cp.hashed_config(make_cfg(model_run, "ensf"))["filter"]
+    sda = make_cfg(model_run)
+    assert "theta_guidance" not in cp.hashed_config(sda)["filter"]["sda"]
+    off = sda.model_copy(update={"filter": sda.filter.model_copy(
+        update={"sda": sda.filter.sda.model_copy(update={"theta_guidance": False})})})
+    assert cp.config_hash(off) != cp.config_hash(sda)
 
 
 # --------------------------------------------------------------------------------------------

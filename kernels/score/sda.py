@@ -450,9 +450,10 @@ class SDASettings:
             applied as in clipped DDIM: ε̂(θ) is replaced by the noise consistent with the
             clamped x̂₀, in the predictor and the corrector alike.
         theta_guidance: whether the likelihood gradient moves θ too. y is independent of θ
-            given the states, so θ's only exact channel to the observations is the states; the
-            Gaussian approximation's gradient through a *trained* denoiser adds a second one
-            that thousands of observations weigh on a handful of θ values. With a learnt
+            given the states: in the exact joint score θ_t reaches y only through what it says
+            about x_0 beyond x_t, a small term (the analytic chain's posterior is the same
+            without it). Through a *trained* denoiser and the Gaussian approximation that term
+            sums thousands of observations onto a handful of θ values. With a learnt
             window network it over-concentrates θ (measured: Kolmogorov ν 90 % interval
             narrower with observations than from the true states, and not covering the truth;
             False: both parameters covered, docs/benchmarks.md). On the analytic chain the two
