@@ -173,8 +173,13 @@ def test_a_model_that_does_not_fit_is_refused(tmp_path, model_run, capsys, chang
     ({"model": "/nonexistent/run"}, "filter.sda.model:"),
 ])
 def test_bad_sda_settings_are_refused(tmp_path, model_run, capsys, sda, field):
-    cfg = make_cfg(model_run)
-    data = cfg.model_dump(mode="json")
+    _assert_refused(tmp_path, capsys, model_run, sda, field)
+
+
+def _assert_refused(tmp_path: Path, capsys, run: Path, sda: dict, field: str) -> None:
+    """`campaign run` with ``sda`` merged into the filter's settings exits 2 with one line
+    naming ``field`` and writes nothing."""
+    data = make_cfg(run).model_dump(mode="json")
     data["filter"]["sda"].update(sda)
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump(data))
@@ -195,14 +200,7 @@ def test_a_shared_theta_model_takes_only_its_composition(tmp_path, model_run, ca
     shared = model_run.parent / "shared"
     if not shared.exists():
         train_l96_window_model(model_run.parent, 150, name="shared", theta_noise="shared")
-    data = make_cfg(shared).model_dump(mode="json")
-    data["filter"]["sda"].update(sda)
-    conf = tmp_path / "c.yaml"
-    conf.write_text(yaml.safe_dump(data))
-    assert main(["campaign", "run", str(conf), "--run-dir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and field in err, err
-    assert not (tmp_path / "run").exists()
+    _assert_refused(tmp_path, capsys, shared, sda, field)
 
 
 def test_config_rules_for_method_sda(model_run):
