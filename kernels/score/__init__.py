@@ -15,7 +15,9 @@ from kernels.score.denoiser import (
 from kernels.score.nets import (
     NETWORK_KINDS,
     RING_OPTIONS,
+    THETA_HEADS,
     UNET_OPTIONS,
+    MomentHead,
     RingResNet,
     TimeEmbedding,
     UNet2d,
@@ -38,6 +40,8 @@ from kernels.score.sda import (
 __all__ = [
     "NETWORK_KINDS",
     "RING_OPTIONS",
+    "THETA_HEADS",
+    "MomentHead",
     "UNET_OPTIONS",
     "DenoisingError",
     "EpsFn",

@@ -10,8 +10,12 @@ channel axis, and θ enters as ``W·P`` constant channels, so one convolution se
 window at once. The diffusion time is embedded with sinusoids and an MLP and modulates every
 residual block by FiLM (per-channel scale and shift).
 
-θ is a global quantity: its ε is predicted by a head that averages the last feature map over
-space and applies a linear map. With circular padding, translation-equivariant normalisation and
+θ is a global quantity: its ε is predicted by a head over spatially pooled features, either
+(``theta_head: linear``) the mean of the last feature map and a linear map, or
+(``theta_head: moments``) the mean and the log mean square of the feature maps of every level,
+an MLP conditioned on the diffusion time. Parameters such as a viscosity act through the
+fine-scale energy of the field, a second moment that a mean of the last features hardly sees;
+the moments head reads it at every scale. With circular padding, translation-equivariant normalisation and
 that global pooling, rolling the input along the periodic axes rolls ``ε_state`` the same way and
 leaves ``ε_theta`` unchanged (for the U-Net: rolls by multiples of its total down-sampling
 factor, since stride-2 sampling only commutes with even shifts).
@@ -31,10 +35,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-RING_OPTIONS: tuple[str, ...] = ("width", "depth", "kernel_size", "time_features")
+RING_OPTIONS: tuple[str, ...] = ("width", "depth", "kernel_size", "time_features", "theta_head")
 UNET_OPTIONS: tuple[str, ...] = (
     "width", "mults", "blocks", "kernel_size", "time_features", "forcing", "downsample", "upsample",
+    "theta_head",
 )
+THETA_HEADS: tuple[str, ...] = ("linear", "moments")
 NETWORK_KINDS: tuple[str, ...] = ("ring", "unet")
 
 
@@ -122,24 +128,67 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class MomentHead(nn.Module):
+    """ε_θ from the first and second spatial moments of several feature maps.
+
+    Each map ``(B, c_i, *spatial)`` gives its spatial mean and ``log(δ + mean(h²))`` per channel
+    (the log puts energies that differ by orders of magnitude on one scale, as a spectrum's slope
+    is read on log axes; ``δ = 1e-4`` keeps it finite for a vanishing channel). The pooled vector
+    goes through ``Linear → (+ time) → SiLU → Linear → SiLU → Linear``; the last layer starts at
+    zero (an untrained head predicts ε_θ = 0).
+    """
+
+    delta: float = 1e-4
+
+    def __init__(self, widths: Sequence[int], emb_dim: int, out: int, hidden: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(2 * sum(widths), hidden)
+        self.time = nn.Linear(emb_dim, hidden)
+        self.mid = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, out)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feats: Sequence[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        """``feats``: maps ``(B, c_i, *spatial_i)``; ``emb (B, emb_dim)`` (SiLU applied) -> ``(B, out)``."""
+        pooled = []
+        for h in feats:
+            dims = tuple(range(2, h.dim()))
+            pooled += [h.mean(dim=dims), torch.log(self.delta + h.square().mean(dim=dims))]
+        z = F.silu(self.inp(torch.cat(pooled, dim=1)) + self.time(emb))
+        return self.out(F.silu(self.mid(z)))
+
+
 class _WindowNet(nn.Module):
     """Shared input/output plumbing of the window networks."""
 
     ndim: int = 1
 
-    def _init_io(self, window: int, channels: int, n_params: int, head_width: int) -> None:
+    def _init_io(self, window: int, channels: int, n_params: int, head_width: int,
+                 theta_head: str = "linear", pooled_widths: Sequence[int] = (),
+                 emb_dim: int = 0) -> None:
+        """``pooled_widths``: channels of the intermediate maps the ``moments`` head reads (the
+        final ``head_width`` map is always read)."""
         self.window = _check_window(window)
         self.channels = _check_int("channels", channels, 1)
         self.n_params = _check_int("n_params", n_params, 0)
+        if theta_head not in THETA_HEADS:
+            raise ValueError(f"option 'theta_head' must be one of {', '.join(THETA_HEADS)}, "
+                             f"got {theta_head!r}")
+        self.theta_head_kind = theta_head
         self.out_norm = nn.GroupNorm(_groups(head_width), head_width)
         self.out_conv = _conv(self.ndim, head_width, self.window * self.channels, 1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
-        self.theta_head: nn.Linear | None = None
-        if self.n_params:
+        self.theta_head: nn.Module | None = None
+        if self.n_params and theta_head == "linear":
             self.theta_head = nn.Linear(head_width, self.window * self.n_params)
             nn.init.zeros_(self.theta_head.weight)
             nn.init.zeros_(self.theta_head.bias)
+        elif self.n_params:
+            widths = [*pooled_widths, head_width]
+            self.theta_head = MomentHead(widths, emb_dim, self.window * self.n_params,
+                                         hidden=max(64, 2 * head_width))
 
     def _inputs(self, x_state: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Check shapes and stack the window into channels: ``(B, W·C + W·P, *spatial)``."""
@@ -155,15 +204,20 @@ class _WindowNet(nn.Module):
         theta = x_theta.reshape(b, w * p, *([1] * self.ndim)).expand(b, w * p, *spatial)
         return torch.cat([x_state.reshape(b, w * c, *spatial), theta], dim=1)
 
-    def _outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final features ``(B, width, *spatial)`` -> ``(ε_state, ε_theta)``."""
+    def _outputs(self, h: torch.Tensor, feats: Sequence[torch.Tensor] = (),
+                 emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final features ``(B, width, *spatial)`` -> ``(ε_state, ε_theta)``; ``feats`` and the
+        time embedding ``emb`` feed the ``moments`` θ head."""
         b, spatial = h.shape[0], h.shape[2:]
         h = F.silu(self.out_norm(h))
         eps_state = self.out_conv(h).reshape(b, self.window, self.channels, *spatial)
         if self.theta_head is None:
             return eps_state, h.new_zeros(b, self.window, 0)
-        pooled = h.mean(dim=tuple(range(2, h.dim())))
-        return eps_state, self.theta_head(pooled).reshape(b, self.window, self.n_params)
+        if self.theta_head_kind == "moments":
+            eps_theta = self.theta_head([*feats, h], emb)
+        else:
+            eps_theta = self.theta_head(h.mean(dim=tuple(range(2, h.dim()))))
+        return eps_state, eps_theta.reshape(b, self.window, self.n_params)
 
 
 class RingResNet(_WindowNet):
@@ -186,6 +240,7 @@ class RingResNet(_WindowNet):
         depth: int = 4,
         kernel_size: int = 5,
         time_features: int = 64,
+        theta_head: str = "linear",
     ) -> None:
         """Args:
             window: states per window ``W`` (odd).
@@ -195,13 +250,18 @@ class RingResNet(_WindowNet):
             depth: number of residual blocks.
             kernel_size: odd convolution size along the ring.
             time_features: sinusoidal time features (the embedding has ``4 ×`` as many).
+            theta_head: ``"linear"`` (mean of the last features) or ``"moments"`` (moments of
+                every block's features, :class:`MomentHead`).
         """
         super().__init__()
         width = _check_int("width", width, 1)
         depth = _check_int("depth", depth, 1)
         self.kernel_size = _check_kernel(kernel_size)
-        self._init_io(window, channels, n_params, width)
-        self.embed = TimeEmbedding(_check_int("time_features", time_features, 2))
+        # The embedding is built after the output layers, as before the θ head option existed, so
+        # a seed gives the same initial weights as then.
+        emb_dim = 4 * _check_int("time_features", time_features, 2)
+        self._init_io(window, channels, n_params, width, theta_head, [width] * (depth - 1), emb_dim)
+        self.embed = TimeEmbedding(time_features)
         self.inp = _conv(1, self.window * (self.channels + self.n_params), width, self.kernel_size)
         self.blocks = nn.ModuleList(
             ResBlock(1, width, width, self.embed.dim, self.kernel_size) for _ in range(depth)
@@ -222,9 +282,11 @@ class RingResNet(_WindowNet):
         """
         h = self.inp(self._inputs(x_state, x_theta, t))
         emb = F.silu(self.embed(t))
+        feats = []
         for block in self.blocks:
             h = block(h, emb)
-        return self._outputs(h)
+            feats.append(h)
+        return self._outputs(h, feats[:-1], emb)
 
 
 class UNet2d(_WindowNet):
@@ -252,6 +314,7 @@ class UNet2d(_WindowNet):
         forcing: int = 0,
         downsample: str = "conv",
         upsample: str = "nearest",
+        theta_head: str = "linear",
     ) -> None:
         """Args:
             window: states per window ``W`` (odd).
@@ -267,6 +330,8 @@ class UNet2d(_WindowNet):
             downsample: ``"conv"`` (3×3 stride-2 circular conv) or ``"avgpool"`` (2×2 mean + 1×1 conv).
             upsample: ``"nearest"`` (nearest-neighbour ×2 + conv) or ``"transposed"`` (2×2 stride-2
                 transposed conv).
+            theta_head: ``"linear"`` (mean of the last features) or ``"moments"`` (moments of every
+                encoder level, the middle block and the last features, :class:`MomentHead`).
         """
         super().__init__()
         width = _check_int("width", width, 1)
@@ -282,9 +347,9 @@ class UNet2d(_WindowNet):
             raise ValueError(f"option 'upsample' must be 'nearest' or 'transposed', got {upsample!r}")
         self.factor = 2 ** (len(self.mults) - 1)
         chs = [width * m for m in self.mults]
-        self._init_io(window, channels, n_params, chs[0])
-        self.embed = TimeEmbedding(_check_int("time_features", time_features, 2))
-        emb = self.embed.dim
+        emb = 4 * _check_int("time_features", time_features, 2)
+        self._init_io(window, channels, n_params, chs[0], theta_head, [*chs, chs[-1]], emb)
+        self.embed = TimeEmbedding(time_features)
         cin = self.window * (self.channels + self.n_params) + self.forcing
         self.inp = _conv(2, cin, chs[0], kernel_size)
 
@@ -353,13 +418,14 @@ class UNet2d(_WindowNet):
             if i < len(self.down):
                 h = self.down[i](h)
         h = self.mid(h, emb)
+        mid = h
         for i in reversed(range(len(self.dec))):
             if i < len(self.up):
                 h = self.up[i](h)
             h = torch.cat([h, skips[i]], dim=1)
             for block in self.dec[i]:
                 h = block(h, emb)
-        return self._outputs(h)
+        return self._outputs(h, [*skips, mid], emb)
 
 
 def build_network(
