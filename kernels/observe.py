@@ -538,7 +538,8 @@ class CoarseVelocity(LinearOperator):
         super().__init__(state_shape, spatial_ndim=2)
         n = self._spatial_shape
         if self._channel_shape or n[0] != n[1]:
-            raise ValueError(f"coarse_velocity needs a square vorticity field (n, n), got {tuple(state_shape)}")
+            raise ValueError("coarse_velocity needs a square vorticity field (n, n), "
+                             f"got {tuple(state_shape)}")
         self._flow = Kolmogorov(n[0], forcing_amplitude=0.0, domain=float(domain))
         self._pool = CoarsePool((2, *n), factor)
 

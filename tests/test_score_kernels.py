@@ -1,8 +1,8 @@
 """Score kernels: VP schedule, window networks, normaliser, denoiser and the DSM loss.
 
-The training check fits a small ring network (width 32, 3 blocks) for 150 Adam steps to windows
-of random-phase sinusoids on a 32-point ring whose amplitude is θ (with either θ head). Measured (CPU, float32, one
-thread, ~3 s; seeds 0–2): held-out DSM loss 0.11–0.13 against the trivial 1.0; x̂_0 error at
+The training check fits a small ring network (width 32, 3 blocks, either θ head) for 150 Adam
+steps to windows of random-phase sinusoids on a 32-point ring whose amplitude is θ. Measured (CPU,
+float32, one thread, ~3 s; seeds 0–2): held-out DSM loss 0.11–0.13 against the trivial 1.0; x̂_0 error at
 t = 0.5 of 0.29–0.31 against the trivial denoiser's 1.04 (state alone 0.20, θ alone 0.38–0.43
 against 1.0). At t = 0.8 (μ ≈ 0.1) the ε-parameterised
 x̂_0 = (x_t − σ ε̂)/μ amplifies the ε error tenfold and is worse than the trivial denoiser, so the
