@@ -634,6 +634,9 @@ class TrainConfig(Strict):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     eta: Annotated[float, Field(gt=0, lt=1)] = 1e-3
     theta_weight: Annotated[float, Field(ge=0)] = 1.0
+    # θ's diffusion clock t^(1/theta_lag): θ still noisy when the state's fine scales emerge
+    # (kernels/score/schedule.py, docs/train.md); 1 = the state's clock
+    theta_lag: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 1.0
     # noise of the W θ copies of a window: "per_frame" (W draws) or "shared" (one draw, as the
     # sampler shows a static θ; static-θ stores only): docs/train.md, docs/smooth.md
     theta_noise: Literal["per_frame", "shared"] = "per_frame"

@@ -221,7 +221,7 @@ def build_denoiser(spec: dict[str, Any]) -> WindowDenoiser:
                         spatial=tuple(spec["spatial"]), n_params=len(spec["params"]),
                         **spec["options"])
     norm = Normalizer(spec["channels"], len(spec["params"]), len(spec["spatial"]))
-    return WindowDenoiser(net, norm, VPSchedule(spec["eta"]))
+    return WindowDenoiser(net, norm, VPSchedule(spec["eta"], spec.get("theta_lag", 1.0)))
 
 
 def model_spec(cfg: TrainConfig, src: WindowSource) -> dict[str, Any]:
@@ -234,7 +234,8 @@ def model_spec(cfg: TrainConfig, src: WindowSource) -> dict[str, Any]:
     std = (prior - mean).square().mean(0).sqrt()  # population std (torch warns on P = 0)
     return {"kind": cfg.network.kind, "options": dict(cfg.network.options), "window": cfg.window,
             "channels": src.channels, "spatial": list(src.spatial), "params": src.param_names,
-            "eta": cfg.eta, "model": src.model_name, "model_config": src.model_cfg.model_dump(mode="json"),
+            "eta": cfg.eta, "theta_lag": cfg.theta_lag, "model": src.model_name,
+            "model_config": src.model_cfg.model_dump(mode="json"),
             "grid": src.grid, "variables": src.names, "dt_frames": src.dt_frames,
             "theta_noise": "shared" if shared else "per_frame",
             "theta_prior": {"mean": mean.tolist(), "std": std.tolist()}}
@@ -472,6 +473,8 @@ class Trainer:
             # written before θ noise was a choice: per-frame noise, no prior recorded
             spec = {**spec, "theta_noise": "per_frame", "theta_prior": self.spec.get("theta_prior")}
             ckpt["spec"] = spec
+        if isinstance(spec, dict) and "theta_lag" not in spec:
+            spec = ckpt["spec"] = {**spec, "theta_lag": 1.0}  # before θ had its own clock
         if spec != self.spec:
             raise OutputError(f"{path}: written for another model or data set")
         try:

@@ -118,10 +118,12 @@ def test_kill_and_resume_is_bitwise(tmp_path, store):
     # records written after the checkpoint (as a kill would leave them) are dropped on resume
     with open(tmp_path / "split" / tr.METRICS, "a") as fh:
         fh.write(json.dumps({"step": 9, "loss": 123.0}) + "\n" + '{"step": 1')
-    # a checkpoint written before the θ noise was recorded resumes as the per-frame run it was
+    # a checkpoint written before the θ noise and θ's clock were recorded resumes as the
+    # per-frame, single-clock run it was
     ck = tmp_path / "split" / tr.CHECKPOINTS / "step-00000005.pt"
     old = torch.load(ck, weights_only=True)
-    old["spec"] = {k: v for k, v in old["spec"].items() if k not in ("theta_noise", "theta_prior")}
+    old["spec"] = {k: v for k, v in old["spec"].items()
+                   if k not in ("theta_noise", "theta_prior", "theta_lag")}
     torch.save(old, ck)
     assert in_process(tr.resume, tmp_path / "split") == tr.EXIT_DONE
     a = torch.load(tmp_path / "straight" / tr.MODEL, weights_only=True)
@@ -214,6 +216,8 @@ def _err(capsys, argv: list[str]) -> str:
     ({"store": "/tmp/x.txt"}, "store"),
     ({"network": {"kind": "ring", "options": {"depth": 0}}}, "depth"),
     ({"autocast": "bf16"}, "autocast"),
+    ({"theta_lag": 0.5}, "theta_lag"),
+    ({"network": {"kind": "ring", "options": {"theta_head": "mlp"}}}, "theta_head"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, store, capsys, change, needle):
     data = make_cfg(store).model_dump(mode="json")
@@ -252,6 +256,9 @@ def test_theta_noise_shared_draws_one_noise_per_window(tmp_path, store, capsys, 
     f = src.theta_u[torch.from_numpy(np.unique(src.index[:, 0])), 0, 0].double()
     assert spec["theta_prior"]["mean"] == pytest.approx([float(f.mean())])
     assert spec["theta_prior"]["std"] == pytest.approx([float(f.std(correction=0))])
+    assert spec["theta_lag"] == 1.0
+    lagged = tr.model_spec(make_cfg(store, theta_noise="shared", theta_lag=2.5), src)
+    assert lagged["theta_lag"] == 2.5 and tr.build_denoiser(lagged).schedule.theta_lag == 2.5
     none = make_cfg(store, params=[])  # no θ learnt: an empty prior
     assert tr.model_spec(none, tr.WindowSource(none, "train"))["theta_prior"] == {"mean": [], "std": []}
     t1, s1, n1 = tr.global_noise(3, 7, 8, (5, 1, 40), (5, 2), shared_theta=True)

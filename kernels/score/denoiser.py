@@ -193,7 +193,7 @@ class WindowDenoiser(nn.Module):
         """``ε̂`` of both groups with their broadcastable ``(μ, σ)``."""
         e_state, e_theta = self.eps(x_state, x_theta, t)
         t = self._t(t, x_state)
-        return e_state, e_theta, self.schedule.mu_sigma(t, x_state), self.schedule.mu_sigma(t, x_theta)
+        return e_state, e_theta, self.schedule.mu_sigma(t, x_state), self.schedule.mu_sigma_theta(t, x_theta)
 
     def denoise(
         self, x_state: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor | float
@@ -266,7 +266,7 @@ def dsm_loss(
     t, n_state, n_theta = draw_noise(x_state, x_theta, generator) if draws is None else draws
     sched = denoiser.schedule
     net = denoiser if module is None else module
-    e_state, e_theta = net(sched.perturb(x_state, t, n_state), sched.perturb(x_theta, t, n_theta), t)
+    e_state, e_theta = net(sched.perturb(x_state, t, n_state), sched.perturb_theta(x_theta, t, n_theta), t)
     return _combine(e_state - n_state, e_theta - n_theta, theta_weight)
 
 
@@ -329,7 +329,7 @@ def denoising_error(
         noise = torch.randn(x_state.shape, **kw), torch.randn(x_theta.shape, **kw)
     sched = denoiser.schedule
     d_state, d_theta = denoiser.denoise(
-        sched.perturb(x_state, t, noise[0]), sched.perturb(x_theta, t, noise[1]), t
+        sched.perturb(x_state, t, noise[0]), sched.perturb_theta(x_theta, t, noise[1]), t
     )
     return DenoisingError(_combine(d_state - x_state, d_theta - x_theta, theta_weight),
                           _combine(x_state, x_theta, theta_weight))

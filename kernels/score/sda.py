@@ -184,10 +184,10 @@ def composed_eps(
     shared = static_theta and schedule is not None and theta_prior is not None and p > 0
     evidence = static_theta and schedule is not None and theta_prior is None and p > 0
     if shared:
-        mu_b, sig_b = (v.to(x_theta) for v in schedule.mu_sigma(tb, tb))
+        mu_b, sig_b = (v.to(x_theta) for v in schedule.mu_sigma_theta(tb, tb))
         window_sum = x_theta.new_zeros(b, p)  # Σ_j ε̄_j
     if evidence:
-        mu_b, sig_b = (v.to(x_theta) for v in schedule.mu_sigma(tb, tb))
+        mu_b, sig_b = (v.to(x_theta) for v in schedule.mu_sigma_theta(tb, tb))
         info = x_theta.new_zeros(b, p)   # Σ_j (1/v_j − 1)        (prior N(0, 1))
         minfo = x_theta.new_zeros(b, p)  # Σ_j m_j / v_j
     total = b * n
@@ -306,7 +306,7 @@ def composed_score(
     es, et = composed_eps(eps_fn, x_state, x_theta, t, window, chunk=chunk)
     tb = _batch_t(t, x_state.shape[0], x_state)
     _, sig_s = schedule.mu_sigma(tb, x_state)
-    _, sig_t = schedule.mu_sigma(tb, x_theta)
+    _, sig_t = schedule.mu_sigma_theta(tb, x_theta)
     return -es / sig_s, -et / sig_t
 
 
@@ -404,7 +404,7 @@ def posterior_eps(
     b = x_state.shape[0]
     tb = _batch_t(t, b, x_state)
     mu_s, sig_s = schedule.mu_sigma(tb, x_state)
-    mu_t, sig_t = schedule.mu_sigma(tb, x_theta)
+    mu_t, sig_t = schedule.mu_sigma_theta(tb, x_theta)
     with torch.enable_grad():
         xs = x_state.detach().requires_grad_(True)
         xt = x_theta.detach().requires_grad_(True)
@@ -436,7 +436,8 @@ class SDASettings:
     Attributes:
         steps: predictor steps from ``t = 1`` to ``t = 0`` (uniform grid).
         corrector: Langevin corrector steps ``C`` after each predictor step (0: none).
-        tau: corrector step factor ``τ > 0``: Langevin step ``τ / mean(‖∇log p‖²)`` per sample.
+        tau: corrector step factor ``τ > 0``: Langevin step ``τ / mean(‖∇log p‖²)`` per sample
+            (θ on a lagging clock, ``VPSchedule.theta_lag > 1``: ``τ σ_θ²``).
         gamma: ``γ ≥ 0`` in the likelihood variance ``σ_y² + γ (σ_t/μ_t)²``.
         ddim_eta: stochasticity of the predictor in ``[0, 1]``: 0 = deterministic DDIM (SDA),
             1 = ancestral sampling.
@@ -490,9 +491,12 @@ class SDASettings:
             _real("theta_clip", lambda v: v > 0, "None or a finite number > 0")
 
 
-def _mu_sigma(schedule: VPSchedule, t: float) -> tuple[float, float]:
-    """``(μ_t, σ_t)`` as floats, the schedule evaluated in float64 whatever the working dtype."""
+def _mu_sigma(schedule: VPSchedule, t: float, theta: bool = False) -> tuple[float, float]:
+    """``(μ_t, σ_t)`` as floats (θ's with ``theta``), the schedule evaluated in float64 whatever
+    the working dtype."""
     tt = torch.tensor(t, dtype=torch.float64)
+    if theta:
+        tt = schedule.theta_time(tt)
     return float(schedule.mu(tt)), float(schedule.sigma(tt))
 
 
@@ -596,43 +600,56 @@ def sample_posterior(
             es, et = posterior_eps(eps_fn, schedule, xs, xt, t, observe, y, sigma_y, s.gamma,
                                    gamma_scale=gamma_scale, theta_guidance=s.theta_guidance)
         if s.theta_clip is not None and et.numel():
-            mu, sig = ms(t)
+            mu, sig = ms(t, theta=True)
             if sig > 0:  # ε consistent with the clamped x̂₀: (x_t − μ clamp(x̂₀)) / σ
                 x0 = (xt - sig * et) / mu
                 et = et + (x0 - x0.clamp(-s.theta_clip, s.theta_clip)) * (mu / sig)
         return es, et
 
-    def ms(t: float) -> tuple[float, float]:
-        return _mu_sigma(schedule, t)
+    def ms(t: float, theta: bool = False) -> tuple[float, float]:
+        return _mu_sigma(schedule, t, theta)
+
+    def step_coefficients(t: float, t_next: float, theta: bool) -> tuple[float, float, float, float]:
+        """Exponential-integrator (DDIM) step of one group: ``x ← r x + a ε + c z``; and σ at
+        ``t_next`` for the corrector. θ on a lagging clock has its own μ, σ."""
+        (mu_t, sig_t), (mu_n, sig_n) = ms(t, theta), ms(t_next, theta)
+        r = mu_n / mu_t
+        c = 0.0
+        if stochastic:
+            cond2 = max(sig_t**2 - (mu_t / mu_n) ** 2 * sig_n**2, 0.0)  # Var[x_t | x_s]
+            c = s.ddim_eta * sig_n * math.sqrt(cond2) / sig_t
+        return r, math.sqrt(max(sig_n**2 - c * c, 0.0)) - r * sig_t, c, sig_n
 
     stochastic = s.ddim_eta > 0
+    lagged = schedule.theta_lag != 1.0
     noise = _NoiseStream(generators, d, 1 + s.steps * (s.corrector + stochastic), s.noise_block, dtype, dev)
     xs, xt = split(noise.draw())
     tiny = torch.finfo(dtype).tiny
     with torch.no_grad():
         for j in range(s.steps):
             t, t_next = 1.0 - j / s.steps, 1.0 - (j + 1) / s.steps
-            (mu_t, sig_t), (mu_n, sig_n) = ms(t), ms(t_next)
+            r, a, c, sig_n = step_coefficients(t, t_next, False)
+            r_t, a_t, c_t, sig_nt = step_coefficients(t, t_next, True)
             es, et = eps_at(xs, xt, t)
-            r = mu_n / mu_t
-            c = 0.0
-            if stochastic:
-                cond2 = max(sig_t**2 - (mu_t / mu_n) ** 2 * sig_n**2, 0.0)  # Var[x_t | x_s]
-                c = s.ddim_eta * sig_n * math.sqrt(cond2) / sig_t
-            a = math.sqrt(max(sig_n**2 - c * c, 0.0)) - r * sig_t
-            xs, xt = r * xs + a * es, r * xt + a * et
+            xs, xt = r * xs + a * es, r_t * xt + a_t * et
             if stochastic:
                 zs, zt = split(noise.draw())
-                xs, xt = xs + c * zs, xt + c * zt
+                xs, xt = xs + c * zs, xt + c_t * zt
             for _ in range(s.corrector):
                 es, et = eps_at(xs, xt, t_next)
                 msq = (es.reshape(b, -1).square().sum(1) + et.reshape(b, -1).square().sum(1)) / d
                 delta = s.tau / msq.clamp_min(tiny)  # (B,): each sample its own step
+                # θ on its own clock: the states' step (scaled by their ε, which shrinks as they
+                # clear) can be many times θ's local variance, and θ's own ε² (P numbers) is too
+                # noisy to scale by. A step of τ σ_θ² is at most τ times the variance of
+                # p(θ_t | x_t) ≥ σ_θ²: stable whatever the states say about θ.
+                delta_t = torch.full_like(delta, s.tau) if lagged else delta
                 zs, zt = split(noise.draw())
                 ds = delta.reshape(b, *([1] * (xs.dim() - 1)))
-                dt_ = delta.reshape(b, 1, 1)
+                dt_ = delta_t.reshape(b, 1, 1)
+                # Langevin on −ε/σ per group, preconditioned by each group's σ² (the same target)
                 xs = xs - sig_n * (ds * es + torch.sqrt(2 * ds) * zs)
-                xt = xt - sig_n * (dt_ * et + torch.sqrt(2 * dt_) * zt)
+                xt = xt - sig_nt * (dt_ * et + torch.sqrt(2 * dt_) * zt)
     return xs, xt
 
 
@@ -678,16 +695,14 @@ def sample_theta_given_states(
     d = d_state + t_frames * n_params
     noise = _NoiseStream(generators, d, steps + 1, 1 << 20, x_state.dtype, x_state.device)
 
-    def ms(t: float) -> tuple[float, float]:
-        return _mu_sigma(schedule, t)
-
     xt = noise.draw()[:, d_state:].reshape(b, t_frames, n_params)
     with torch.no_grad():
         for j in range(steps):
             t, t_next = 1.0 - j / steps, 1.0 - (j + 1) / steps
-            (mu, sig), (mu_n, sig_n) = ms(t), ms(t_next)
+            mu_x, sig_x = _mu_sigma(schedule, t)
+            (mu, sig), (mu_n, sig_n) = _mu_sigma(schedule, t, True), _mu_sigma(schedule, t_next, True)
             z = noise.draw()
-            xs = mu * x_state.unsqueeze(0) + sig * z[:, :d_state].reshape(b, *x_state.shape)
+            xs = mu_x * x_state.unsqueeze(0) + sig_x * z[:, :d_state].reshape(b, *x_state.shape)
             _, et = eps_fn(xs, xt, torch.full((b,), t, dtype=x_state.dtype, device=x_state.device))
             x0 = (xt - sig * et) / mu
             if theta_clip is not None:
