@@ -12,8 +12,9 @@ residual block by FiLM (per-channel scale and shift).
 
 θ is a global quantity: its ε is predicted by a head over spatially pooled features, either
 (``theta_head: linear``) the mean of the last feature map and a linear map, or
-(``theta_head: moments``) the mean and the log mean square of the feature maps of every level,
-an MLP conditioned on the diffusion time. Parameters such as a viscosity act through the
+(``theta_head: moments``) the mean and the log mean square of the feature maps of every level
+and the log mean squares of the input field and its derivatives, an MLP conditioned on the
+diffusion time. Parameters such as a viscosity act through the
 fine-scale energy of the field, a second moment that a mean of the last features hardly sees;
 the moments head reads it at every scale. With circular padding, translation-equivariant normalisation and
 that global pooling, rolling the input along the periodic axes rolls ``ε_state`` the same way and
@@ -128,30 +129,52 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def field_moments(x: torch.Tensor, ndim: int, delta: float = 1e-4) -> torch.Tensor:
+    """``log(δ + mean(f²))`` over space of a periodic field and of its derivatives.
+
+    ``f`` is the field, its forward difference along each spatial axis and its (2·ndim + 1)-point
+    Laplacian: energy, gradient energy and curvature energy — the slope of the spectrum, where a
+    viscosity shows. ``x (B, K, *spatial)`` with ``ndim`` spatial axes → ``(B, K · (ndim + 2))``.
+    """
+    dims = tuple(range(2, 2 + ndim))
+    lap = -2.0 * ndim * x
+    grads = []
+    for ax in dims:
+        fwd = torch.roll(x, -1, ax)
+        grads.append(fwd - x)
+        lap = lap + fwd + torch.roll(x, 1, ax)
+    return torch.cat([torch.log(delta + f.square().mean(dim=dims)) for f in (x, *grads, lap)], dim=1)
+
+
 class MomentHead(nn.Module):
-    """ε_θ from the first and second spatial moments of several feature maps.
+    """ε_θ from the first and second spatial moments of several feature maps and of the input.
 
     Each map ``(B, c_i, *spatial)`` gives its spatial mean and ``log(δ + mean(h²))`` per channel
     (the log puts energies that differ by orders of magnitude on one scale, as a spectrum's slope
-    is read on log axes; ``δ = 1e-4`` keeps it finite for a vanishing channel). The pooled vector
-    goes through ``Linear → (+ time) → SiLU → Linear → SiLU → Linear``; the last layer starts at
-    zero (an untrained head predicts ε_θ = 0).
+    is read on log axes; ``δ = 1e-4`` keeps it finite for a vanishing channel). The diffused
+    input window adds its :func:`field_moments` (``n_field`` numbers): the fine-scale energy is
+    a few percent of the field's, a difference learnt features need many examples to find.
+    The pooled vector goes through ``Linear → (+ time) → SiLU → Linear → SiLU → Linear``; the
+    last layer starts at zero (an untrained head predicts ε_θ = 0).
     """
 
     delta: float = 1e-4
 
-    def __init__(self, widths: Sequence[int], emb_dim: int, out: int, hidden: int) -> None:
+    def __init__(self, widths: Sequence[int], emb_dim: int, out: int, hidden: int,
+                 n_field: int = 0) -> None:
         super().__init__()
-        self.inp = nn.Linear(2 * sum(widths), hidden)
+        self.inp = nn.Linear(2 * sum(widths) + n_field, hidden)
         self.time = nn.Linear(emb_dim, hidden)
         self.mid = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, out)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, feats: Sequence[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
-        """``feats``: maps ``(B, c_i, *spatial_i)``; ``emb (B, emb_dim)`` (SiLU applied) -> ``(B, out)``."""
-        pooled = []
+    def forward(self, feats: Sequence[torch.Tensor], emb: torch.Tensor,
+                field: torch.Tensor | None = None) -> torch.Tensor:
+        """``feats``: maps ``(B, c_i, *spatial_i)``; ``emb (B, emb_dim)`` (SiLU applied);
+        ``field (B, n_field)`` the input's moments -> ``(B, out)``."""
+        pooled = [] if field is None else [field]
         for h in feats:
             dims = tuple(range(2, h.dim()))
             pooled += [h.mean(dim=dims), torch.log(self.delta + h.square().mean(dim=dims))]
@@ -187,8 +210,9 @@ class _WindowNet(nn.Module):
             nn.init.zeros_(self.theta_head.bias)
         elif self.n_params:
             widths = [*pooled_widths, head_width]
+            n_field = self.window * self.channels * (self.ndim + 2)
             self.theta_head = MomentHead(widths, emb_dim, self.window * self.n_params,
-                                         hidden=max(64, 2 * head_width))
+                                         hidden=max(64, 2 * head_width), n_field=n_field)
 
     def _inputs(self, x_state: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Check shapes and stack the window into channels: ``(B, W·C + W·P, *spatial)``."""
@@ -205,16 +229,19 @@ class _WindowNet(nn.Module):
         return torch.cat([x_state.reshape(b, w * c, *spatial), theta], dim=1)
 
     def _outputs(self, h: torch.Tensor, feats: Sequence[torch.Tensor] = (),
-                 emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final features ``(B, width, *spatial)`` -> ``(ε_state, ε_theta)``; ``feats`` and the
-        time embedding ``emb`` feed the ``moments`` θ head."""
+                 emb: torch.Tensor | None = None,
+                 x_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final features ``(B, width, *spatial)`` -> ``(ε_state, ε_theta)``; ``feats``, the
+        time embedding ``emb`` and the input window ``x_state (B, W, C, *spatial)`` feed the
+        ``moments`` θ head."""
         b, spatial = h.shape[0], h.shape[2:]
         h = F.silu(self.out_norm(h))
         eps_state = self.out_conv(h).reshape(b, self.window, self.channels, *spatial)
         if self.theta_head is None:
             return eps_state, h.new_zeros(b, self.window, 0)
         if self.theta_head_kind == "moments":
-            eps_theta = self.theta_head([*feats, h], emb)
+            field = field_moments(x_state.flatten(1, 2), self.ndim)  # type: ignore[union-attr]
+            eps_theta = self.theta_head([*feats, h], emb, field)
         else:
             eps_theta = self.theta_head(h.mean(dim=tuple(range(2, h.dim()))))
         return eps_state, eps_theta.reshape(b, self.window, self.n_params)
@@ -286,7 +313,7 @@ class RingResNet(_WindowNet):
         for block in self.blocks:
             h = block(h, emb)
             feats.append(h)
-        return self._outputs(h, feats[:-1], emb)
+        return self._outputs(h, feats[:-1], emb, x_state)
 
 
 class UNet2d(_WindowNet):
@@ -425,7 +452,7 @@ class UNet2d(_WindowNet):
             h = torch.cat([h, skips[i]], dim=1)
             for block in self.dec[i]:
                 h = block(h, emb)
-        return self._outputs(h, [*skips, mid], emb)
+        return self._outputs(h, [*skips, mid], emb, x_state)
 
 
 def build_network(
