@@ -637,6 +637,12 @@ def test_theta_given_known_states_matches_the_exact_conditional():
     network, k = 2, 512 samples, 128 steps): measured mean 0.063 and sd 0.445 against the exact
     p(θ | x_{1:L}) 0.023 / 0.447 (the truth drawn was 0.553). Asserted: mean within 0.2 exact
     sd, sd ratio in [0.85, 1.15], one static θ per sample."""
+    _check_theta_given_states(shared_theta_eps(), SCHED)
+
+
+def _check_theta_given_states(window_eps, schedule: VPSchedule) -> None:
+    """θ given a drawn window of the θ + noise chain (L = 10, 2 sites, seed 3) through the shared
+    composition: 512 samples, 128 steps; mean within 0.2 exact sd, sd ratio in [0.85, 1.15]."""
     length, sites = 10, 2
     n = length * sites
     cov = theta_cov(length, sites)[: n + 1, : n + 1]
@@ -645,9 +651,9 @@ def test_theta_given_known_states_matches_the_exact_conditional():
     mean, var = _kalman(cov, torch.arange(n), draw[:n], 1e-6)
     sd = math.sqrt(float(var[n, n]))
     prior = (torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64))
-    eps = trajectory_eps(shared_theta_eps(), 5, static_theta=True, schedule=SCHED, theta_prior=prior)
-    th = sample_theta_given_states(eps, SCHED, draw[:n].reshape(length, 1, sites), 1, _gens(512), 128,
-                                   theta_frames=1)
+    eps = trajectory_eps(window_eps, 5, static_theta=True, schedule=schedule, theta_prior=prior)
+    th = sample_theta_given_states(eps, schedule, draw[:n].reshape(length, 1, sites), 1, _gens(512),
+                                   128, theta_frames=1)
     assert th.shape == (512, 1, 1)
     assert abs(float(th.mean()) - float(mean[n])) < 0.2 * sd
     assert 0.85 < float(th.std()) / sd < 1.15
@@ -722,17 +728,4 @@ def test_lagged_theta_clock_recovers_the_posterior_and_the_prior():
 def test_lagged_theta_given_known_states_matches_the_exact_conditional():
     """``sample_theta_given_states`` with θ on a lagging clock: the states noised on theirs, θ
     stepped on its own; the exact p(θ | x_{1:L}) as in the single-clock test."""
-    length, sites = 10, 2
-    n = length * sites
-    cov = theta_cov(length, sites)[: n + 1, : n + 1]
-    draw = torch.linalg.cholesky(cov) @ torch.randn(n + 1, generator=torch.Generator().manual_seed(3),
-                                                    dtype=F64)
-    mean, var = _kalman(cov, torch.arange(n), draw[:n], 1e-6)
-    sd = math.sqrt(float(var[n, n]))
-    prior = (torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64))
-    eps = trajectory_eps(lagged_shared_theta_eps(), 5, static_theta=True, schedule=LAGGED,
-                         theta_prior=prior)
-    th = sample_theta_given_states(eps, LAGGED, draw[:n].reshape(length, 1, sites), 1, _gens(512), 128,
-                                   theta_frames=1)
-    assert abs(float(th.mean()) - float(mean[n])) < 0.2 * sd
-    assert 0.85 < float(th.std()) / sd < 1.15
+    _check_theta_given_states(lagged_shared_theta_eps(), LAGGED)
