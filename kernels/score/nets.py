@@ -14,12 +14,12 @@ residual block by FiLM (per-channel scale and shift).
 (``theta_head: linear``) the mean of the last feature map and a linear map, or
 (``theta_head: moments``) the mean and the log mean square of the feature maps of every level
 and the log mean squares of the input field and its derivatives, an MLP conditioned on the
-diffusion time. Parameters such as a viscosity act through the
-fine-scale energy of the field, a second moment that a mean of the last features hardly sees;
-the moments head reads it at every scale. With circular padding, translation-equivariant normalisation and
-that global pooling, rolling the input along the periodic axes rolls ``ε_state`` the same way and
-leaves ``ε_theta`` unchanged (for the U-Net: rolls by multiples of its total down-sampling
-factor, since stride-2 sampling only commutes with even shifts).
+diffusion time. A parameter such as a viscosity acts through the fine-scale energy of the
+field, a second moment that the mean of the group-normalised last features hardly sees; the
+moments head reads it at every scale. With circular padding, translation-equivariant
+normalisation and that global pooling, rolling the input along the periodic axes rolls
+``ε_state`` the same way and leaves ``ε_theta`` unchanged (for the U-Net: rolls by multiples of
+its total down-sampling factor, since stride-2 sampling only commutes with even shifts).
 
 The final state convolution and the θ head start at zero, so an untrained network predicts
 ``ε = 0`` (the trivial predictor, loss 1) and training starts from a stable point.
@@ -278,7 +278,7 @@ class RingResNet(_WindowNet):
             kernel_size: odd convolution size along the ring.
             time_features: sinusoidal time features (the embedding has ``4 ×`` as many).
             theta_head: ``"linear"`` (mean of the last features) or ``"moments"`` (moments of
-                every block's features, :class:`MomentHead`).
+                every block's features and of the input, :class:`MomentHead`).
         """
         super().__init__()
         width = _check_int("width", width, 1)
@@ -358,7 +358,8 @@ class UNet2d(_WindowNet):
             upsample: ``"nearest"`` (nearest-neighbour ×2 + conv) or ``"transposed"`` (2×2 stride-2
                 transposed conv).
             theta_head: ``"linear"`` (mean of the last features) or ``"moments"`` (moments of every
-                encoder level, the middle block and the last features, :class:`MomentHead`).
+                encoder level, the middle block, the last features and the input,
+                :class:`MomentHead`).
         """
         super().__init__()
         width = _check_int("width", width, 1)
@@ -374,6 +375,7 @@ class UNet2d(_WindowNet):
             raise ValueError(f"option 'upsample' must be 'nearest' or 'transposed', got {upsample!r}")
         self.factor = 2 ** (len(self.mults) - 1)
         chs = [width * m for m in self.mults]
+        # the embedding after the output layers, as in RingResNet (same initial weights as before)
         emb = 4 * _check_int("time_features", time_features, 2)
         self._init_io(window, channels, n_params, chs[0], theta_head, [*chs, chs[-1]], emb)
         self.embed = TimeEmbedding(time_features)
