@@ -120,6 +120,9 @@ class ObservationOperator(ABC):
 
     #: whether ``H`` is linear (then :meth:`adjoint` exists and ``vjp(x, r) = adjoint(r)``).
     linear: bool = False
+    #: whether no two observations depend on the same state component (then ``H V Hᵀ`` of
+    #: :meth:`white_covariance` is diagonal for any diagonal ``V``).
+    disjoint_rows: bool = False
 
     def __init__(self, state_shape: Sequence[int], spatial_ndim: int | None = None) -> None:
         self._channel_shape, self._spatial_shape = _split_layout(state_shape, spatial_ndim)
@@ -234,6 +237,68 @@ class ObservationOperator(ABC):
         r = (y.to(hx) - hx) / (s * s)
         return self.vjp(x, r.expand(x.shape[0], self.m))
 
+    # -- scale of a state perturbation in observation space ---------------------------------
+    def white_variance(self, channel_var: torch.Tensor | float) -> torch.Tensor:
+        """Variance of each observation of a white state perturbation: ``diag(H V Hᵀ)``.
+
+        ``V`` is diagonal with ``channel_var[c]`` on every point of channel ``c``. This is the
+        observation-space size of the SDA likelihood's ``γ (σ_t/μ_t)²`` term (a perturbation of
+        variance ``(σ_t/μ_t)²`` per normalised state entry): point observations give the
+        channel's variance, a block mean of ``f^k`` points ``1/f^k`` of it, a velocity the sum of
+        its row's squared weights.
+
+        Args:
+            channel_var: per-channel variance ``(C,)`` or one float for every channel.
+
+        Returns:
+            ``(m,)`` float64 on the CPU. Linear operators: exact. A generic operator: its
+            Jacobian at ``x = 0`` (from :meth:`vjp`), row by row.
+        """
+        var = self._channel_var(channel_var)
+        rows = []
+        x0 = torch.zeros(1, *self._state_shape, dtype=torch.float64)
+        # rows of Hᵀ in chunks of ~2^22 entries: bounded memory for any grid
+        chunk = max(1, (1 << 22) // max(1, math.prod(self._state_shape)))
+        for a in range(0, self.m, chunk):
+            eye = torch.eye(self.m, dtype=torch.float64)[a:a + chunk]
+            rows.append(self._weighted_sq(self.vjp(x0.expand(eye.shape[0], *self._state_shape), eye), var))
+        return torch.cat(rows)
+
+    def white_covariance(self, channel_var: torch.Tensor | float) -> torch.Tensor:
+        """The full ``H V Hᵀ`` of :meth:`white_variance`, ``(m, m)`` float64 on the CPU.
+
+        Its off-diagonal matters for operators whose rows overlap (a velocity from the inverse
+        Laplacian sees every point): a large-scale perturbation then moves all observations
+        together, with a variance along that pattern far above the diagonal's. Operators with
+        :attr:`disjoint_rows` have a diagonal one; use :meth:`white_variance` for them (``m²``
+        memory here).
+        """
+        var = self._channel_var(channel_var)
+        n = math.prod(self._state_shape)
+        x0 = torch.zeros(1, *self._state_shape, dtype=torch.float64)
+        chunk = max(1, (1 << 22) // max(1, n))
+        rows = []
+        for a in range(0, self.m, chunk):
+            eye = torch.eye(self.m, dtype=torch.float64)[a:a + chunk]
+            rows.append(self.vjp(x0.expand(eye.shape[0], *self._state_shape), eye).reshape(-1, n))
+        r = torch.cat(rows)  # (m, n): the rows of J_H
+        w = var.repeat_interleave(n // self.n_channels)
+        return (r * w) @ r.T
+
+    def _channel_var(self, channel_var: torch.Tensor | float) -> torch.Tensor:
+        var = torch.as_tensor(channel_var, dtype=torch.float64).reshape(-1).cpu()
+        if var.numel() == 1:
+            var = var.expand(self.n_channels)
+        if var.numel() != self.n_channels or not bool(torch.isfinite(var).all()) or bool((var < 0).any()):
+            raise ValueError(f"channel_var must be {self.n_channels} finite values >= 0, "
+                             f"got {tuple(var.shape)}")
+        return var
+
+    def _weighted_sq(self, rows: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """``Σ_j rows[i, j]² var[c(j)]`` for rows ``(k, *state_shape)`` -> ``(k,)``."""
+        sq = rows.double().square().reshape(rows.shape[0], self.n_channels, -1).sum(-1)
+        return sq @ var
+
     # -- helpers -------------------------------------------------------------------------------
     def _check_state(self, x: torch.Tensor) -> None:
         if x.ndim != len(self._state_shape) + 1 or tuple(x.shape[1:]) != self._state_shape:
@@ -320,6 +385,11 @@ class Selection(LinearOperator):
         # index_copy (not in-place on r) keeps the adjoint differentiable; indices are distinct
         out = out.index_copy(1, self._index_on(r.device), r)
         return out.reshape(r.shape[0], *self._state_shape)
+
+    disjoint_rows = True
+
+    def white_variance(self, channel_var: torch.Tensor | float) -> torch.Tensor:
+        return self._channel_var(channel_var)[self._index // math.prod(self._spatial_shape)]
 
     def locations(self) -> torch.Tensor:
         coords = torch.unravel_index(self.points, self._spatial_shape)
@@ -500,6 +570,14 @@ class CoarsePool(LinearOperator):
         out[:, self.channel : self.channel + 1] = spread
         return out
 
+    disjoint_rows = True
+
+    def white_variance(self, channel_var: torch.Tensor | float) -> torch.Tensor:
+        var = self._channel_var(channel_var)
+        var = var if self.channel is None else var[self.channel : self.channel + 1]
+        per_block = var / self.factor ** len(self._coarse)  # f^k points of weight 1/f^k
+        return per_block.repeat_interleave(math.prod(self._coarse))
+
     def locations(self) -> torch.Tensor:
         f = self.factor
         centres = [torch.arange(nc, dtype=torch.float64) * f + (f - 1) / 2 for nc in self._coarse]
@@ -555,6 +633,16 @@ class CoarseVelocity(LinearOperator):
         ruv = self._pool.adjoint(r)  # (B, 2, n, n)
         return -(self._flow.velocity(ruv[:, 0])[0] + self._flow.velocity(ruv[:, 1])[1])
 
+    def white_variance(self, channel_var: torch.Tensor | float) -> torch.Tensor:
+        # the map commutes with shifts by whole blocks: every u row has the norm of the first u
+        # row, every v row that of the first v row — two adjoints instead of m
+        var = self._channel_var(channel_var)
+        per = self.m // 2
+        eye = torch.zeros(2, self.m, dtype=torch.float64)
+        eye[0, 0] = eye[1, per] = 1.0
+        uv = self._weighted_sq(self.adjoint(eye), var)
+        return uv.repeat_interleave(per)
+
     def locations(self) -> torch.Tensor:
         return self._pool.locations()
 
@@ -597,6 +685,7 @@ class Nonlinear(ObservationOperator):
             raise ValueError(f"base must be an ObservationOperator, got {type(base).__name__}")
         self.base = base
         self.kind = kind
+        self.disjoint_rows = base.disjoint_rows
         self._channel_shape = base._channel_shape
         self._spatial_shape = base._spatial_shape
         self._state_shape = base.state_shape
@@ -621,6 +710,15 @@ class Nonlinear(ObservationOperator):
     def vjp(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         z = self.base.forward(x)
         return self.base.vjp(x, _derivative(self.kind, z) * r)
+
+    def white_variance(self, channel_var: torch.Tensor | float) -> torch.Tensor:
+        """The inner operator's: ``g'`` is at most 1 and equals 1 where ``H_base(x) = 0``; the
+        SDA likelihood that uses this scales an approximate variance, not an exact one."""
+        return self.base.white_variance(channel_var)
+
+    def white_covariance(self, channel_var: torch.Tensor | float) -> torch.Tensor:
+        """The inner operator's (as :meth:`white_variance`)."""
+        return self.base.white_covariance(channel_var)
 
     def locations(self) -> torch.Tensor:
         return self.base.locations()

@@ -34,7 +34,14 @@ from typing import Any
 
 import torch
 
-from kernels.score.sda import SDASettings, make_window_observe, sample_posterior
+from kernels.dynamics import model_class
+from kernels.score.sda import (
+    SDASettings,
+    likelihood_scale,
+    make_window_observe,
+    mean_projection,
+    sample_posterior,
+)
 from kernels.streams import generator
 from pipeline.config import CampaignConfig, ConfigError, load_yaml
 from pipeline.runtime import member_slice
@@ -64,8 +71,6 @@ def check_model(cfg: CampaignConfig, spec: dict[str, Any], state_shape: tuple[in
     ``save_every · dt``) against the cycle interval ``observation.every · model.dt``, and the
     window length against the network's.
     """
-    from kernels.dynamics import model_class
-
     src = f"filter.sda.model ({cfg.filter.sda.model})" if cfg.filter.sda else "filter.sda.model"
     if spec["model"] != cfg.model.name:
         raise ConfigError(f"model.name: {cfg.model.name} but the SDA model of {src} was trained "
@@ -159,9 +164,10 @@ class WindowFilter:
                                     theta_clip=s.theta_clip, theta_guidance=s.theta_guidance)
         self.eps = composed_model_eps(self.den, spec, self.static_theta, s.theta_composition,
                                       "filter.sda")
-        # (σ_t/μ_t)² is a variance in normalised units and y is physical: γ is scaled by the
-        # state's physical variance so that it keeps its meaning (as in `scoreda smooth`)
-        self.gamma_scale = float(self.den.normalizer.state_std.double().square().mean())
+        # (σ_t/μ_t)² is a variance per normalised state entry and y is physical: γ is scaled
+        # by what such a white perturbation gives the observations (as in `scoreda smooth`)
+        self.state_var = self.den.normalizer.state_std.double().square()
+        self.project = mean_projection(self.den.normalizer, model_class(cfg.model.name).mean_free)
 
     def sample(self, members: range, y_window: torch.Tensor, cycle: int,
                sigma: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,14 +194,18 @@ class WindowFilter:
         y = y_window[times].reshape(-1).to(self.dtype)
         sig = sigma if isinstance(sigma, float) else sigma.to(self.dtype).repeat(len(times))
         observe = make_window_observe(self.den.normalizer, self.op, times, self.state_shape)
+        scale = likelihood_scale(self.op, self.state_var, sig, len(times))
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(self.dtype)
         states, thetas = [], []
         for a in range(members.start, members.stop, self.batch):
             gens = [generator(self.seed, cycle, i, "sda")
                     for i in range(a, min(a + self.batch, members.stop))]
             xs, xt = sample_posterior(
                 self.eps, self.den.schedule, (lw, *self.frame_shape), p, gens, self.settings,
-                observe=observe, y=y, sigma_y=sig, gamma_scale=self.gamma_scale,
-                dtype=self.dtype, theta_frames=1 if self.static_theta else None)
+                observe=observe, y=y, sigma_y=sig, gamma_scale=scale,
+                dtype=self.dtype, theta_frames=1 if self.static_theta else None,
+                project_state=self.project)
             with torch.no_grad():
                 x, u = self.den.normalizer.decode(xs[:, -1], xt[:, -1])  # last frame
             states.append(x.to(torch.float64).reshape(len(gens), *self.state_shape))

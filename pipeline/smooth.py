@@ -37,7 +37,9 @@ from kernels import metrics
 from kernels.observe import add_noise, make_operator
 from kernels.score.sda import (
     SDASettings,
+    likelihood_scale,
     make_window_observe,
+    mean_projection,
     sample_posterior,
     sample_theta_given_states,
 )
@@ -159,9 +161,13 @@ class Problem:
                                ddim_eta=s.ddim_eta, theta_clip=s.theta_clip,
                                theta_guidance=s.theta_guidance)
         observe = make_window_observe(den.normalizer, self.op, self.times, self.model.state_shape)
-        # (σ_t/μ_t)² is a variance in normalised units; the observations are physical: scale γ
-        # by the squared physical std of the state (mean over channels) so γ keeps its meaning
-        scale = float(den.normalizer.state_std.double().square().mean())
+        # (σ_t/μ_t)² is a variance per normalised state entry; the observations are physical:
+        # scale γ by what such a white perturbation gives each observation (a point: the
+        # channel's physical variance; a block mean or a velocity: far less) so γ keeps its meaning
+        scale = likelihood_scale(self.op, den.normalizer.state_std.double().square(),
+                                 self._sigma_flat(torch.float64), len(self.times))
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(dtype=dtype, device=cfg.device)
         if cfg.condition == "truth_states":
             x0, _ = den.normalizer.encode(self.truth.to(dtype=dtype, device=cfg.device),
                                           torch.zeros(len(self.spec["params"]), dtype=dtype,
@@ -174,7 +180,8 @@ class Problem:
                 self.eps, den.schedule, (cfg.length, *self.frame_shape), len(self.spec["params"]),
                 gens, settings, observe=observe, y=self.y.reshape(-1).to(dtype),
                 sigma_y=self._sigma_flat(dtype), gamma_scale=scale, dtype=dtype, device=cfg.device,
-                theta_frames=1 if self.static_theta else None)
+                theta_frames=1 if self.static_theta else None,
+                project_state=mean_projection(den.normalizer, self.model.mean_free))
         xt = xt.expand(-1, cfg.length, -1)  # static θ: the same vector at every frame
         with torch.no_grad():
             state, theta_u = den.normalizer.decode(xs, xt)

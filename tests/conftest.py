@@ -72,6 +72,31 @@ def make_l96_store():
 
 
 @pytest.fixture(scope="session")
+def make_kolmogorov_store():
+    """``make(path)``: a 16² Kolmogorov store of 16 trajectories × 8 frames with (ν, drag)
+    drawn per trajectory, written by one in-process Dask worker."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.config import GenerateConfig, validate
+    from pipeline.generate import generate
+
+    def make(path):
+        cfg = validate({
+            "stage": "generate", "model": {"name": "kolmogorov", "size": 16, "dt": 0.02},
+            "trajectories": 16, "frames": 8, "save_every": 5, "spinup": 50, "seed": 0,
+            "theta": {"mode": "prior"}, "dtype": "float32",
+            "store": {"trajectories_per_shard": 8, "shard_frames": 8, "chunk_frames": 8},
+            "split": {"valid": 0.125, "test": 0.125}, "dask": {"workers": 1},
+        }, GenerateConfig)
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            generate(cfg, path, client=client, echo=lambda s: None)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def train_l96_window_model(make_l96_store):
     """``train(directory, steps) -> run_dir``: a Lorenz-96 store of 16 trajectories (d = 20,
     F per trajectory, frames 0.1 apart) and a window model (W = 3, ring w16 d2) trained

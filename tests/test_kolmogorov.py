@@ -244,6 +244,9 @@ def test_float32_forced_run(device: torch.device) -> None:
     assert torch.isfinite(out).all()
     energy = m.energy(out)
     assert (energy > 0.05).all() and (energy < 20).all()
+    # the mean vorticity stays zero (`mean_free`, which samplers rely on) under forcing and drag
+    assert m.mean_free == (0,)
+    assert float(out.double().mean(dim=(-2, -1)).abs().max()) < 1e-5 * float(out.double().std())
     # float32 tracks float64 for a short while
     ref = m.advance(x.double(), theta.double(), 10)
     assert _rel(m.advance(x, theta, 10).double(), ref) < 1e-4

@@ -12,6 +12,7 @@ from kernels.observe import (
     CoarseVelocity,
     EveryKth,
     Identity,
+    LinearOperator,
     Nonlinear,
     ObservationOperator,
     RandomMask,
@@ -335,3 +336,57 @@ def test_cpu_matches_cuda(shape, device):
                                    op.grad_log_likelihood(x, y, 0.2), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="CPU generator"):
         add_noise(torch.zeros(3, device=device), 1.0, torch.Generator(device=device))
+
+
+class _Dense(LinearOperator):
+    """``H x = M x.flatten(1)`` for a dense ``M``: the generic paths of the base classes."""
+
+    def __init__(self, shape, mat):
+        super().__init__(shape)
+        self.mat = mat
+
+    @property
+    def m(self) -> int:
+        return self.mat.shape[0]
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], -1) @ self.mat.T.to(x)
+
+    def adjoint(self, r):
+        return (r @ self.mat.to(r)).reshape(r.shape[0], *self.state_shape)
+
+    def locations(self):
+        return torch.zeros(self.m, 1, dtype=torch.float64)
+
+    def observed_mask(self):
+        return torch.ones(self.state_shape, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
+def test_white_covariance_is_h_v_ht(shape):
+    """``white_covariance(v) = J V Jᵀ`` (J the Jacobian at 0, V per-channel variances on the
+    diagonal), ``white_variance`` its diagonal, and ``disjoint_rows`` exactly when it is diagonal
+    (a pooled velocity is not: its rows overlap everywhere)."""
+    n_ch = shape[0] if len(shape) == 2 and shape[0] == 2 else 1
+    var = torch.tensor([3.0, 0.5], dtype=torch.float64)[:n_ch]
+    w = var.repeat_interleave(math.prod(shape) // n_ch)
+    g = torch.Generator().manual_seed(4)
+    dense = _Dense(shape, torch.randn(3, math.prod(shape), generator=g, dtype=torch.float64))
+    for op in _all_operators(shape) + [dense]:
+        jac = torch.autograd.functional.jacobian(
+            op.forward, torch.zeros(1, *shape, dtype=torch.float64)).reshape(op.m, -1)
+        ref = (jac * w) @ jac.T
+        cov = op.white_covariance(var if n_ch > 1 else float(var))
+        torch.testing.assert_close(cov, ref, rtol=1e-12, atol=1e-14, msg=repr(op))
+        torch.testing.assert_close(op.white_variance(var), ref.diagonal(), rtol=1e-12, atol=1e-14,
+                                   msg=repr(op))
+        off = (ref - torch.diag(ref.diagonal())).abs().max()
+        assert op.disjoint_rows == bool(off == 0), repr(op)
+    assert not CoarseVelocity((16, 16), 4).disjoint_rows
+
+
+def test_white_variance_refuses_bad_channel_variances():
+    op = EveryKth((2, 16), 2)
+    for bad in (torch.ones(3), torch.tensor([1.0, -1.0]), torch.tensor([1.0, math.nan])):
+        with pytest.raises(ValueError, match="channel_var"):
+            op.white_variance(bad)

@@ -187,3 +187,30 @@ def test_observations_from_a_file_reproduce_the_twin_samples(tmp_path, model_run
     assert main(["smooth", str(conf), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "smooth.zarr" in err and "obs_time" in err and not (tmp_path / "bad").exists()
+
+
+def test_kolmogorov_velocity_observations(tmp_path, make_kolmogorov_store):
+    """A 16² Kolmogorov store and a briefly trained U-Net, smoothed from pooled velocity (rows
+    that overlap: the likelihood takes their full covariance) and from sparse vorticity: finite
+    samples whose mean vorticity stays zero (the model's `mean_free`, which the sampler pins and
+    no velocity observation sees) and the stored observations of the right size."""
+    from pipeline.config import TrainConfig
+
+    store = make_kolmogorov_store(tmp_path / "k.zarr")
+    tcfg = validate({"stage": "train", "store": str(store), "window": 3, "theta_noise": "shared",
+                     "network": {"kind": "unet", "options": {"width": 8, "mults": [1, 2],
+                                                             "blocks": 1}},
+                     "batch_size": 8, "steps": 30, "log_every": 10, "validate_every": 30,
+                     "checkpoint_every": 30, "optim": {"lr": 3e-3, "warmup": 5}}, TrainConfig)
+    assert tr.start(tcfg, tmp_path / "run") == tr.EXIT_DONE
+    for obs, m in (({"kind": "coarse_velocity", "options": {"factor": 4}, "sigma": 0.05}, 32),
+                   ({"kind": "every_kth", "options": {"k": 4}, "sigma": 0.1}, 16)):
+        cfg = make_cfg(tmp_path / "run", start=1, length=4, samples=2, observation=obs,
+                       sda={"steps": 8})
+        out = tmp_path / obs["kind"]
+        met = sm.smooth(cfg, out)
+        assert met is not None and np.isfinite(met["rmse_mean"])
+        ds = xr.open_zarr(out / sm.STORE, consolidated=False)
+        w = ds["vorticity"].values
+        assert w.shape == (2, 4, 16, 16) and ds["y"].shape == (4, m)
+        assert np.abs(w.mean(axis=(-2, -1))).max() < 1e-2 * w.std()

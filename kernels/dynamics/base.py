@@ -72,6 +72,10 @@ class Dynamics(ABC):
     variables: tuple[str, ...] = ("x",)
     #: physical units of the state, for stored datasets.
     state_units: str = "1"
+    #: variables (indices into ``variables``) whose spatial mean is zero by construction in every
+    #: state the model produces; a score network never sees that direction vary, and samplers
+    #: pin it (:func:`kernels.score.sda.mean_projection`).
+    mean_free: tuple[int, ...] = ()
 
     @property
     @abstractmethod

@@ -103,6 +103,8 @@ class Kolmogorov(Dynamics):
     name = "kolmogorov"
     variables = ("vorticity",)
     state_units = "1"
+    #: the curl of a periodic velocity: the solver holds the k = 0 mode at zero
+    mean_free = (0,)
     default_dt = 0.01
     params = (
         Param(

@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,14 +61,21 @@ from kernels.score.schedule import VPSchedule
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 #: ``(x̂0_state (B, L, C, *sp), x̂0_theta (B, L, P))`` (normalised) ``-> (B, m)`` predicted observations.
 ObserveFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``x̂0_state (B, L, C, *sp) -> (B, L, C, *sp)`` (normalised): the projection onto the states the
+#: data can take (:func:`mean_projection`).
+StateProjection = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = [
     "EpsFn",
+    "FrameCovariance",
     "ObserveFn",
     "SDASettings",
+    "StateProjection",
     "composed_eps",
     "composed_score",
+    "likelihood_scale",
     "make_window_observe",
+    "mean_projection",
     "posterior_eps",
     "sample_posterior",
     "sample_theta_given_states",
@@ -349,6 +357,116 @@ def make_window_observe(
     return observe
 
 
+def mean_projection(normalizer: Normalizer, channels: Sequence[int]) -> StateProjection:
+    """Projection of normalised states onto zero *physical* spatial mean in ``channels``.
+
+    A field whose spatial mean is zero in every training state (``Dynamics.mean_free``, e.g.
+    vorticity on a periodic domain) has a data distribution of zero width along that direction:
+    its exact denoiser returns the mean exactly, so ``ε`` along it is ``(x̄_t − μ_t c)/σ_t``. A
+    trained network only approximates that, and no observation that misses the mean (pooled
+    velocity: ``Δ⁻¹`` drops ``k = 0``) corrects the error, which the sampler then integrates
+    (measured on the 64² Kolmogorov model: spatial means of −85 to +30 where the field's std is
+    4.4). Projecting ``x̂_0`` restores the exact value along that one direction per frame and
+    channel and leaves every other direction alone.
+
+    Args:
+        normalizer: the model's normaliser (a channel's zero maps to ``−mean/std``).
+        channels: channel indices ``c`` of ``(B, L, C, *sp)`` to pin; may be empty.
+
+    Returns:
+        ``x̂0 (B, L, C, *sp) -> (B, L, C, *sp)``.
+    """
+    idx = sorted({int(c) for c in channels})
+    nch = normalizer.state_mean.numel()
+    if any(c < 0 or c >= nch for c in idx):
+        raise ValueError(f"channels {idx} out of range for {nch} state channel(s)")
+    axes = tuple(range(-normalizer.spatial_ndim, 0))
+
+    def project(x0: torch.Tensor) -> torch.Tensor:
+        if not idx or not axes:
+            return x0
+        target = (-normalizer.state_mean / normalizer.state_std).to(x0)  # physical 0, (C,)
+        shift = x0.mean(dim=axes, keepdim=True) - target.reshape(-1, *([1] * len(axes)))
+        keep = torch.zeros(nch, dtype=x0.dtype, device=x0.device)
+        keep[idx] = 1.0
+        return x0 - shift * keep.reshape(-1, *([1] * len(axes)))
+
+    return project
+
+
+class FrameCovariance:
+    """Likelihood covariance ``Σ_f = diag(σ_f²) + c K`` of each observed frame ``f``, for any
+    ``c = γ (σ_t/μ_t)² ≥ 0``, eigen-decomposed once.
+
+    ``K (m_f, m_f)`` is ``H V Hᵀ`` of one frame (``ObservationOperator.white_covariance``): the
+    SDA approximation ``Cov[x_0 | x_t] ≈ γ (σ_t/μ_t)² I`` (normalised state) carried to the
+    observations *with its correlations*. Its diagonal alone is right for point observations;
+    for an operator whose rows overlap (a pooled velocity) a large-scale pattern has variance
+    far above the diagonal's and a diagonal Σ lets the guidance overshoot along it (measured:
+    the 64² velocity case non-finite by ``t = 0.7``). With ``M_f = S_f^{-1/2} K S_f^{-1/2} =
+    U Λ Uᵀ`` (``S_f = diag σ_f²``) the quadratic form is ``Σ_j (Uᵀ S_f^{-1/2} r)_j² / (1 + c λ_j)``.
+
+    Args:
+        k_frame: ``K (m_f, m_f)``, symmetric positive semi-definite.
+        sigma_y: observation noise std, a float or ``(T·m_f,)`` (frame-major).
+        frames: ``T`` observed frames.
+    """
+
+    def __init__(self, k_frame: torch.Tensor, sigma_y: float | torch.Tensor, frames: int) -> None:
+        k = torch.as_tensor(k_frame, dtype=torch.float64).cpu()
+        if k.dim() != 2 or k.shape[0] != k.shape[1] or frames < 1:
+            raise ValueError(f"k_frame must be square (m_f, m_f) and frames >= 1, got "
+                             f"{tuple(k.shape)} and {frames}")
+        mf = k.shape[0]
+        sig = torch.as_tensor(sigma_y, dtype=torch.float64).cpu().reshape(-1)
+        if sig.numel() == 1:
+            sig = sig.expand(frames * mf)
+        if sig.numel() != frames * mf or not bool((sig > 0).all()):
+            raise ValueError(f"sigma_y must be > 0 and a float or ({frames * mf},), got {tuple(sig.shape)}")
+        sig = sig.reshape(frames, mf)
+        # frames with the same σ share one decomposition (the usual case: all of them)
+        uniq, inv = torch.unique(sig, dim=0, return_inverse=True)
+        lam, vec = [], []
+        for row in uniq:
+            w = 1.0 / row
+            ev, u = torch.linalg.eigh(0.5 * (k + k.T) * w[:, None] * w[None, :])
+            lam.append(ev.clamp_min(0.0))
+            vec.append(u)
+        self.m_frame, self.frames = mf, frames
+        self.inv_sigma = 1.0 / sig                      # (T, m_f)
+        self.lam = torch.stack(lam)[inv]                # (T, m_f)
+        self.basis = torch.stack(vec)[inv]              # (T, m_f, m_f)
+
+    def quad(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``rᵀ Σ⁻¹ r`` per sample: ``r (B, T·m_f)``, ``c (B, 1)`` -> ``(B,)``, dtype of ``r``."""
+        b = r.shape[0]
+        rw = r.reshape(b, self.frames, self.m_frame) * self.inv_sigma.to(r)
+        z = torch.einsum("tij,bti->btj", self.basis.to(r), rw)
+        return (z.square() / (1 + c.reshape(b, 1, 1) * self.lam.to(r))).sum(dim=(1, 2))
+
+
+def likelihood_scale(
+    op: Any, state_var: torch.Tensor, sigma_y: float | torch.Tensor, frames: int,
+) -> torch.Tensor | FrameCovariance:
+    """The ``gamma_scale`` of :func:`posterior_eps` for ``frames`` frames observed through ``op``.
+
+    Args:
+        op: an ``ObservationOperator`` (kernels.observe) in physical units.
+        state_var: physical variance of one normalised unit per channel, ``(C,)``
+            (``Normaliser.state_std²``).
+        sigma_y: observation noise std, a float or ``(frames · m,)``.
+        frames: observed frames ``T``.
+
+    Returns:
+        ``(T·m,)`` float64 per-observation scales when no two observations share a state
+        component (points, blocks: exact, the covariance is diagonal); otherwise a
+        :class:`FrameCovariance` with the full ``H V Hᵀ``.
+    """
+    if op.disjoint_rows:
+        return op.white_variance(state_var).repeat(frames)
+    return FrameCovariance(op.white_covariance(state_var), sigma_y, frames)
+
+
 def _obs_variance(
     sigma_y: float | torch.Tensor, gamma: float, gamma_scale: float | torch.Tensor | None,
     ratio2: torch.Tensor, like: torch.Tensor,
@@ -373,7 +491,7 @@ def posterior_eps(
     sigma_y: float | torch.Tensor,
     gamma: float,
     *,
-    gamma_scale: float | torch.Tensor | None = None,
+    gamma_scale: float | torch.Tensor | FrameCovariance | None = None,
     theta_guidance: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior noise ``ε̂ − σ_t ∇_{x_t} log N(y | observe(x̂_0), σ_y² + γ (σ_t/μ_t)²)``.
@@ -394,7 +512,8 @@ def posterior_eps(
         gamma: ``γ`` of the likelihood variance.
         gamma_scale: optional ``(m,)`` (or float) factor on ``γ`` per observation, e.g. the
             squared physical std of the observed channel when ``observe`` returns physical
-            units (``(σ_t/μ_t)²`` is a variance in normalised units).
+            units (``(σ_t/μ_t)²`` is a variance in normalised units); or a
+            :class:`FrameCovariance`, which then carries ``σ_y`` too (``sigma_y`` unused).
         theta_guidance: whether the likelihood gradient also reaches θ (through the
             denoiser); False leaves θ's ε the prior's (:class:`SDASettings`).
 
@@ -416,8 +535,15 @@ def posterior_eps(
             raise ValueError(f"y has shape {tuple(y.shape)}; expected ({pred.shape[1]},) or "
                              f"{tuple(pred.shape)}")
         mu_y, sig_y = schedule.mu_sigma(tb, pred)
-        var = _obs_variance(sigma_y, gamma, gamma_scale, (sig_y / mu_y) ** 2, pred)
-        log_p = -0.5 * ((y.to(pred) - pred).square() / var).sum()
+        if isinstance(gamma_scale, FrameCovariance):
+            if pred.shape[1] != gamma_scale.frames * gamma_scale.m_frame:
+                raise ValueError(f"observe gives {pred.shape[1]} observations; the covariance "
+                                 f"is for {gamma_scale.frames} × {gamma_scale.m_frame}")
+            c = gamma * (sig_y / mu_y) ** 2 * torch.ones(b, 1, dtype=pred.dtype, device=pred.device)
+            log_p = -0.5 * gamma_scale.quad(y.to(pred) - pred, c).sum()
+        else:
+            var = _obs_variance(sigma_y, gamma, gamma_scale, (sig_y / mu_y) ** 2, pred)
+            log_p = -0.5 * ((y.to(pred) - pred).square() / var).sum()
         if theta_guidance:
             gs, gt = torch.autograd.grad(log_p, (xs, xt), allow_unused=True)
         else:
@@ -539,10 +665,11 @@ def sample_posterior(
     observe: ObserveFn | None = None,
     y: torch.Tensor | None = None,
     sigma_y: float | torch.Tensor = 1.0,
-    gamma_scale: float | torch.Tensor | None = None,
+    gamma_scale: float | torch.Tensor | FrameCovariance | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     theta_frames: int | None = None,
+    project_state: StateProjection | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample trajectories ``x_{1:L}`` (and θ) from the SDA posterior, in normalised space.
 
@@ -566,6 +693,9 @@ def sample_posterior(
         device: working device (default: the generators' device).
         theta_frames: frames of θ, ``L`` (default: one θ per frame) or ``1`` (one static θ
             per trajectory, with ``trajectory_eps(..., static_theta=True)``).
+        project_state: optional projection of the state's ``x̂_0`` onto the states the data can
+            take (:func:`mean_projection`); the state's ``ε`` is replaced by the noise consistent
+            with the projected ``x̂_0`` in the predictor and the corrector, after the likelihood.
 
     Returns:
         ``x_state (B, L, C, *spatial)`` and ``x_theta (B, theta_frames, P)`` at ``t = 0``,
@@ -599,6 +729,9 @@ def sample_posterior(
         else:
             es, et = posterior_eps(eps_fn, schedule, xs, xt, t, observe, y, sigma_y, s.gamma,
                                    gamma_scale=gamma_scale, theta_guidance=s.theta_guidance)
+        if project_state is not None:
+            mu, sig = ms(t)  # σ ≥ the schedule's η > 0
+            es = (xs - mu * project_state((xs - sig * es) / mu)) / sig
         if s.theta_clip is not None and et.numel():
             mu, sig = ms(t, theta=True)
             if sig > 0:  # ε consistent with the clamped x̂₀: (x_t − μ clamp(x̂₀)) / σ
