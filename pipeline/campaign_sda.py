@@ -167,7 +167,8 @@ class WindowFilter:
         # (σ_t/μ_t)² is a variance per normalised state entry and y is physical: γ is scaled
         # by what such a white perturbation gives the observations (as in `scoreda smooth`)
         self.state_var = self.den.normalizer.state_std.double().square()
-        self.project = mean_projection(self.den.normalizer, model_class(cfg.model.name).mean_free)
+        free = model_class(cfg.model.name).mean_free
+        self.project = mean_projection(self.den.normalizer, free) if free else None
 
     def sample(self, members: range, y_window: torch.Tensor, cycle: int,
                sigma: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

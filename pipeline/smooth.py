@@ -181,7 +181,8 @@ class Problem:
                 gens, settings, observe=observe, y=self.y.reshape(-1).to(dtype),
                 sigma_y=self._sigma_flat(dtype), gamma_scale=scale, dtype=dtype, device=cfg.device,
                 theta_frames=1 if self.static_theta else None,
-                project_state=mean_projection(den.normalizer, self.model.mean_free))
+                project_state=(mean_projection(den.normalizer, self.model.mean_free)
+                               if self.model.mean_free else None))
         xt = xt.expand(-1, cfg.length, -1)  # static θ: the same vector at every frame
         with torch.no_grad():
             state, theta_u = den.normalizer.decode(xs, xt)
