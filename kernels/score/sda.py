@@ -401,10 +401,11 @@ class FrameCovariance:
     ``K (m_f, m_f)`` is ``H V Hᵀ`` of one frame (``ObservationOperator.white_covariance``): the
     SDA approximation ``Cov[x_0 | x_t] ≈ γ (σ_t/μ_t)² I`` (normalised state) carried to the
     observations *with its correlations*. Its diagonal alone is right for point observations;
-    for an operator whose rows overlap (a pooled velocity) a large-scale pattern has variance
-    far above the diagonal's and a diagonal Σ lets the guidance overshoot along it (measured:
-    the 64² velocity case non-finite by ``t = 0.7``). With ``M_f = S_f^{-1/2} K S_f^{-1/2} =
-    U Λ Uᵀ`` (``S_f = diag σ_f²``) the quadratic form is ``Σ_j (Uᵀ S_f^{-1/2} r)_j² / (1 + c λ_j)``.
+    for an operator whose rows overlap (a pooled velocity) a large-scale pattern has a variance
+    up to 12× the diagonal's (64², factor 8), and a diagonal Σ lets the guidance overshoot
+    along it (measured: the 64² velocity case non-finite by ``t = 0.7``). With
+    ``M_f = S_f^{-1/2} K S_f^{-1/2} = U Λ Uᵀ`` (``S_f = diag σ_f²``) the quadratic form is
+    ``Σ_j (Uᵀ S_f^{-1/2} r)_j² / (1 + c λ_j)``.
 
     Args:
         k_frame: ``K (m_f, m_f)``, symmetric positive semi-definite.
