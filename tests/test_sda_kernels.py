@@ -777,7 +777,7 @@ def test_projected_sampler_draws_the_mean_free_prior():
         assert float((lag1 - A).abs().max()) < 0.06
 
 
-def test_frame_covariance_quadratic_form_is_the_dense_one():
+def test_frame_covariance_quadratic_form_is_the_dense_one(device):
     """``rᵀ Σ⁻¹ r`` with ``Σ = blockdiag_f(diag σ_f² + c K)`` from the eigenbasis equals a dense
     solve, with σ differing between frames and c between samples; bad inputs are refused."""
     g = torch.Generator().manual_seed(6)
@@ -788,7 +788,7 @@ def test_frame_covariance_quadratic_form_is_the_dense_one():
     cov = FrameCovariance(k, sig.to(F64), frames)
     r = torch.randn(b, frames * mf, generator=g, dtype=F64)
     c = torch.tensor([[0.0], [0.1], [2.0], [50.0]], dtype=F64)
-    got = cov.quad(r, c)
+    got = cov.quad(r.to(device), c.to(device)).cpu()
     for i in range(b):
         dense = torch.block_diag(*[torch.diag(sig[f * mf:(f + 1) * mf].to(F64) ** 2) + c[i, 0] * k
                                    for f in range(frames)])

@@ -437,13 +437,18 @@ class FrameCovariance:
         self.inv_sigma = 1.0 / sig                      # (T, m_f)
         self.lam = torch.stack(lam)[inv]                # (T, m_f)
         self.basis = torch.stack(vec)[inv]              # (T, m_f, m_f)
+        self._on: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
     def quad(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """``rᵀ Σ⁻¹ r`` per sample: ``r (B, T·m_f)``, ``c (B, 1)`` -> ``(B,)``, dtype of ``r``."""
+        key = (r.dtype, r.device)
+        if key not in self._on:  # one copy per dtype and device, not one per call
+            self._on[key] = tuple(v.to(r) for v in (self.inv_sigma, self.basis, self.lam))
+        inv_sigma, basis, lam = self._on[key]
         b = r.shape[0]
-        rw = r.reshape(b, self.frames, self.m_frame) * self.inv_sigma.to(r)
-        z = torch.einsum("tij,bti->btj", self.basis.to(r), rw)
-        return (z.square() / (1 + c.reshape(b, 1, 1) * self.lam.to(r))).sum(dim=(1, 2))
+        rw = r.reshape(b, self.frames, self.m_frame) * inv_sigma
+        z = torch.einsum("tij,bti->btj", basis, rw)
+        return (z.square() / (1 + c.reshape(b, 1, 1) * lam)).sum(dim=(1, 2))
 
 
 def likelihood_scale(
