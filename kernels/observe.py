@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -255,14 +255,7 @@ class ObservationOperator(ABC):
             Jacobian at ``x = 0`` (from :meth:`vjp`), row by row.
         """
         var = self._channel_var(channel_var)
-        rows = []
-        x0 = torch.zeros(1, *self._state_shape, dtype=torch.float64)
-        # rows of Hᵀ in chunks of ~2^22 entries: bounded memory for any grid
-        chunk = max(1, (1 << 22) // max(1, math.prod(self._state_shape)))
-        for a in range(0, self.m, chunk):
-            eye = torch.eye(self.m, dtype=torch.float64)[a:a + chunk]
-            rows.append(self._weighted_sq(self.vjp(x0.expand(eye.shape[0], *self._state_shape), eye), var))
-        return torch.cat(rows)
+        return torch.cat([self._weighted_sq(rows, var) for rows in self._jacobian_rows()])
 
     def white_covariance(self, channel_var: torch.Tensor | float) -> torch.Tensor:
         """The full ``H V Hᵀ`` of :meth:`white_variance`, ``(m, m)`` float64 on the CPU.
@@ -275,15 +268,20 @@ class ObservationOperator(ABC):
         """
         var = self._channel_var(channel_var)
         n = math.prod(self._state_shape)
-        x0 = torch.zeros(1, *self._state_shape, dtype=torch.float64)
+        r = torch.cat([rows.reshape(-1, n) for rows in self._jacobian_rows()])  # (m, n)
+        return (r * var.repeat_interleave(n // self.n_channels)) @ r.T
+
+    def _jacobian_rows(self) -> Iterator[torch.Tensor]:
+        """Rows of ``J_H(0)`` as ``(k, *state_shape)`` float64 chunks of ~2^22 entries (bounded
+        memory on any grid), from :meth:`vjp` of unit cotangents."""
+        n = math.prod(self._state_shape)
         chunk = max(1, (1 << 22) // max(1, n))
-        rows = []
+        x0 = torch.zeros(1, *self._state_shape, dtype=torch.float64)
         for a in range(0, self.m, chunk):
-            eye = torch.eye(self.m, dtype=torch.float64)[a:a + chunk]
-            rows.append(self.vjp(x0.expand(eye.shape[0], *self._state_shape), eye).reshape(-1, n))
-        r = torch.cat(rows)  # (m, n): the rows of J_H
-        w = var.repeat_interleave(n // self.n_channels)
-        return (r * w) @ r.T
+            k = min(chunk, self.m - a)
+            unit = torch.zeros(k, self.m, dtype=torch.float64)
+            unit[torch.arange(k), a + torch.arange(k)] = 1.0
+            yield self.vjp(x0.expand(k, *self._state_shape), unit)
 
     def _channel_var(self, channel_var: torch.Tensor | float) -> torch.Tensor:
         var = torch.as_tensor(channel_var, dtype=torch.float64).reshape(-1).cpu()
@@ -338,6 +336,8 @@ class Selection(LinearOperator):
         spatial_ndim: number of trailing spatial axes (inferred when None, see module docs).
     """
 
+    disjoint_rows = True
+
     def __init__(
         self,
         state_shape: Sequence[int],
@@ -385,8 +385,6 @@ class Selection(LinearOperator):
         # index_copy (not in-place on r) keeps the adjoint differentiable; indices are distinct
         out = out.index_copy(1, self._index_on(r.device), r)
         return out.reshape(r.shape[0], *self._state_shape)
-
-    disjoint_rows = True
 
     def white_variance(self, channel_var: torch.Tensor | float) -> torch.Tensor:
         return self._channel_var(channel_var)[self._index // math.prod(self._spatial_shape)]
@@ -512,6 +510,8 @@ class CoarsePool(LinearOperator):
         spatial_ndim: number of trailing spatial axes (inferred when None).
     """
 
+    disjoint_rows = True
+
     def __init__(
         self,
         state_shape: Sequence[int],
@@ -569,8 +569,6 @@ class CoarsePool(LinearOperator):
         out = r.new_zeros(b, *self._state_shape)
         out[:, self.channel : self.channel + 1] = spread
         return out
-
-    disjoint_rows = True
 
     def white_variance(self, channel_var: torch.Tensor | float) -> torch.Tensor:
         var = self._channel_var(channel_var)

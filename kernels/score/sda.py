@@ -19,6 +19,11 @@ schedule ``x_t = μ_t x_0 + σ_t ε``:
 
   whose gradient with respect to ``x_t`` is taken by autograd *through the denoiser*; the
   posterior noise is ``ε_post = ε̂ − σ_t ∇_{x_t} log p(y | x_t)`` (:func:`posterior_eps`).
+  In physical observation units the ``γ`` term is ``γ (σ_t/μ_t)² H V Hᵀ``
+  (:func:`likelihood_scale`): diagonal for point and block observations, a full per-frame
+  :class:`FrameCovariance` where observations share state components.
+* *constraints*: a field whose spatial mean is zero in every state has ``x̂_0`` projected onto
+  it (:func:`mean_projection`), ``ε`` made consistent with the projection.
 * *predictor*: exponential-integrator (DDIM) step from ``t`` to ``s = t − Δt``,
 
       x_s = r x_t + (√(σ_s² − c²) − r σ_t) ε_post + c z,    r = μ_s / μ_t,
