@@ -45,28 +45,33 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="session")
-def make_l96_store():
-    """``make(path, size, trajectories, frames)``: a small Lorenz-96 store with F drawn per
-    trajectory (the parameter a window network must learn), written by one in-process Dask
-    worker (a few seconds)."""
+def _generate_store(path, **keys):
+    """A store written by one in-process Dask worker from a generate config's ``keys``."""
     from distributed import Client, LocalCluster
 
     from pipeline.config import GenerateConfig, validate
     from pipeline.generate import generate
 
+    cfg = validate({"stage": "generate", "seed": 0, "theta": {"mode": "prior"}, "dtype": "float32",
+                    "split": {"valid": 0.125, "test": 0.125}, "dask": {"workers": 1}, **keys},
+                   GenerateConfig)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        generate(cfg, path, client=client, echo=lambda s: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_l96_store():
+    """``make(path, size, trajectories, frames)``: a small Lorenz-96 store with F drawn per
+    trajectory (the parameter a window network must learn), written by one in-process Dask
+    worker (a few seconds)."""
+
     def make(path, size: int, trajectories: int, frames: int):
-        cfg = validate({
-            "stage": "generate", "model": {"name": "lorenz96", "size": size, "dt": 0.05},
-            "trajectories": trajectories, "frames": frames, "save_every": 2, "spinup": 200,
-            "seed": 0, "theta": {"mode": "prior"}, "dtype": "float32",
-            "store": {"trajectories_per_shard": 8, "shard_frames": frames, "chunk_frames": 16},
-            "split": {"valid": 0.125, "test": 0.125}, "dask": {"workers": 1},
-        }, GenerateConfig)
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                          dashboard_address=":0") as cluster, Client(cluster) as client:
-            generate(cfg, path, client=client, echo=lambda s: None)
-        return path
+        return _generate_store(
+            path, model={"name": "lorenz96", "size": size, "dt": 0.05}, trajectories=trajectories,
+            frames=frames, save_every=2, spinup=200,
+            store={"trajectories_per_shard": 8, "shard_frames": frames, "chunk_frames": 16})
 
     return make
 
@@ -75,23 +80,12 @@ def make_l96_store():
 def make_kolmogorov_store():
     """``make(path)``: a 16² Kolmogorov store of 16 trajectories × 8 frames with (ν, drag)
     drawn per trajectory, written by one in-process Dask worker."""
-    from distributed import Client, LocalCluster
-
-    from pipeline.config import GenerateConfig, validate
-    from pipeline.generate import generate
 
     def make(path):
-        cfg = validate({
-            "stage": "generate", "model": {"name": "kolmogorov", "size": 16, "dt": 0.02},
-            "trajectories": 16, "frames": 8, "save_every": 5, "spinup": 50, "seed": 0,
-            "theta": {"mode": "prior"}, "dtype": "float32",
-            "store": {"trajectories_per_shard": 8, "shard_frames": 8, "chunk_frames": 8},
-            "split": {"valid": 0.125, "test": 0.125}, "dask": {"workers": 1},
-        }, GenerateConfig)
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                          dashboard_address=":0") as cluster, Client(cluster) as client:
-            generate(cfg, path, client=client, echo=lambda s: None)
-        return path
+        return _generate_store(
+            path, model={"name": "kolmogorov", "size": 16, "dt": 0.02}, trajectories=16, frames=8,
+            save_every=5, spinup=50,
+            store={"trajectories_per_shard": 8, "shard_frames": 8, "chunk_frames": 8})
 
     return make
 

@@ -238,6 +238,14 @@ def test_composed_score_of_ar1_chain():
 
 # ------------------------------------------------------------------------------------------------
 # likelihood guidance
+def _ar1_denoiser_jacobian(length: int, t: float):
+    """``(μ_t, σ_t, J)`` with ``x̂_0 = J x_t``, ``J = μΣ(μ²Σ + σ²I)⁻¹``, for the AR(1) chain."""
+    tt = torch.tensor(t, dtype=F64)
+    mu, sig = SCHED.mu(tt), SCHED.sigma(tt)
+    cov = ar1_cov(length)
+    return mu, sig, mu * cov @ torch.linalg.inv(mu**2 * cov + sig**2 * torch.eye(length, dtype=F64))
+
+
 def test_posterior_eps_matches_closed_form():
     """For the exact Gaussian prior ``x̂_0 = J x_t`` with ``J = μΣ(μ²Σ + σ²I)⁻¹``, so the guided
     noise is ``ε̂ − σ Jᵀ Hᵀ (y − H J x_t)/(σ_y² + γ s (σ/μ)²)``; autograd must reproduce it."""
@@ -254,10 +262,7 @@ def test_posterior_eps_matches_closed_form():
         return s[:, times, 0, :].reshape(s.shape[0], -1)
 
     es, et = posterior_eps(ar1_eps(), SCHED, x, xt, t, observe, y, sy, gamma, gamma_scale=scale)
-    tt = torch.tensor(t, dtype=F64)
-    mu, sig = SCHED.mu(tt), SCHED.sigma(tt)
-    cov = ar1_cov(length)
-    jac = mu * cov @ torch.linalg.inv(mu**2 * cov + sig**2 * torch.eye(length, dtype=F64))
+    mu, sig, jac = _ar1_denoiser_jacobian(length, t)
     x0 = torch.einsum("ij,bjs->bis", jac, x[:, :, 0])
     r = (y - x0[:, times].reshape(5, -1)) / (sy**2 + gamma * scale * (sig / mu) ** 2)
     grad = torch.zeros(5, length, sites, dtype=F64)
@@ -817,10 +822,7 @@ def test_posterior_eps_with_correlated_observations_matches_closed_form():
 
     fc = FrameCovariance(mat @ mat.T, sy, 2)
     es, _ = posterior_eps(ar1_eps(), SCHED, x, xt, t, observe, y, sy, gamma, gamma_scale=fc)
-    tt = torch.tensor(t, dtype=F64)
-    mu, sig = SCHED.mu(tt), SCHED.sigma(tt)
-    cov = ar1_cov(length)
-    jac = mu * cov @ torch.linalg.inv(mu**2 * cov + sig**2 * torch.eye(length, dtype=F64))
+    mu, sig, jac = _ar1_denoiser_jacobian(length, t)
     x0 = torch.einsum("ij,bjs->bis", jac, x[:, :, 0])
     pred = torch.einsum("ms,bts->btm", mat, x0[:, times])  # (B, 2, 3)
     sigma_f = sy**2 * torch.eye(3, dtype=F64) + gamma * (sig / mu) ** 2 * mat @ mat.T
