@@ -167,8 +167,7 @@ class WindowFilter:
         # (σ_t/μ_t)² is a variance per normalised state entry and y is physical: γ is scaled
         # by what such a white perturbation gives the observations (as in `scoreda smooth`)
         self.state_var = self.den.normalizer.state_std.double().square()
-        free = model_class(cfg.model.name).mean_free
-        self.project = mean_projection(self.den.normalizer, free) if free else None
+        self.project = mean_projection(self.den.normalizer, model_class(cfg.model.name).mean_free)
 
     def sample(self, members: range, y_window: torch.Tensor, cycle: int,
                sigma: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,9 +194,7 @@ class WindowFilter:
         y = y_window[times].reshape(-1).to(self.dtype)
         sig = sigma if isinstance(sigma, float) else sigma.to(self.dtype).repeat(len(times))
         observe = make_window_observe(self.den.normalizer, self.op, times, self.state_shape)
-        scale = likelihood_scale(self.op, self.state_var, sig, len(times))
-        if isinstance(scale, torch.Tensor):
-            scale = scale.to(self.dtype)
+        scale = likelihood_scale(self.op, self.state_var, sig, len(times), self.dtype)
         states, thetas = [], []
         for a in range(members.start, members.stop, self.batch):
             gens = [generator(self.seed, cycle, i, "sda")

@@ -165,9 +165,7 @@ class Problem:
         # scale γ by what such a white perturbation gives each observation (a point: the
         # channel's physical variance; a block mean or a velocity: far less) so γ keeps its meaning
         scale = likelihood_scale(self.op, den.normalizer.state_std.double().square(),
-                                 self._sigma_flat(torch.float64), len(self.times))
-        if isinstance(scale, torch.Tensor):
-            scale = scale.to(dtype=dtype, device=cfg.device)
+                                 self._sigma_flat(torch.float64), len(self.times), dtype, cfg.device)
         if cfg.condition == "truth_states":
             x0, _ = den.normalizer.encode(self.truth.to(dtype=dtype, device=cfg.device),
                                           torch.zeros(len(self.spec["params"]), dtype=dtype,
@@ -181,8 +179,7 @@ class Problem:
                 gens, settings, observe=observe, y=self.y.reshape(-1).to(dtype),
                 sigma_y=self._sigma_flat(dtype), gamma_scale=scale, dtype=dtype, device=cfg.device,
                 theta_frames=1 if self.static_theta else None,
-                project_state=(mean_projection(den.normalizer, self.model.mean_free)
-                               if self.model.mean_free else None))
+                project_state=mean_projection(den.normalizer, self.model.mean_free))
         xt = xt.expand(-1, cfg.length, -1)  # static θ: the same vector at every frame
         with torch.no_grad():
             state, theta_u = den.normalizer.decode(xs, xt)

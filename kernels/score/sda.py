@@ -362,7 +362,7 @@ def make_window_observe(
     return observe
 
 
-def mean_projection(normalizer: Normalizer, channels: Sequence[int]) -> StateProjection:
+def mean_projection(normalizer: Normalizer, channels: Sequence[int]) -> StateProjection | None:
     """Projection of normalised states onto zero *physical* spatial mean in ``channels``.
 
     A field whose spatial mean is zero in every training state (``Dynamics.mean_free``, e.g.
@@ -379,17 +379,19 @@ def mean_projection(normalizer: Normalizer, channels: Sequence[int]) -> StatePro
         channels: channel indices ``c`` of ``(B, L, C, *sp)`` to pin; may be empty.
 
     Returns:
-        ``x̂0 (B, L, C, *sp) -> (B, L, C, *sp)``.
+        ``x̂0 (B, L, C, *sp) -> (B, L, C, *sp)``; None when there is nothing to pin (no channel
+        or no spatial axis), so that the sampler keeps its ε untouched rather than rounding it
+        through an identity.
     """
     idx = sorted({int(c) for c in channels})
     nch = normalizer.state_mean.numel()
     if any(c < 0 or c >= nch for c in idx):
         raise ValueError(f"channels {idx} out of range for {nch} state channel(s)")
     axes = tuple(range(-normalizer.spatial_ndim, 0))
+    if not idx or not axes:
+        return None
 
     def project(x0: torch.Tensor) -> torch.Tensor:
-        if not idx or not axes:
-            return x0
         target = (-normalizer.state_mean / normalizer.state_std).to(x0)  # physical 0, (C,)
         shift = x0.mean(dim=axes, keepdim=True) - target.reshape(-1, *([1] * len(axes)))
         keep = torch.zeros(nch, dtype=x0.dtype, device=x0.device)
@@ -458,6 +460,7 @@ class FrameCovariance:
 
 def likelihood_scale(
     op: Any, state_var: torch.Tensor, sigma_y: float | torch.Tensor, frames: int,
+    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
 ) -> torch.Tensor | FrameCovariance:
     """The ``gamma_scale`` of :func:`posterior_eps` for ``frames`` frames observed through ``op``.
 
@@ -467,14 +470,16 @@ def likelihood_scale(
             (``Normaliser.state_std²``).
         sigma_y: observation noise std, a float or ``(frames · m,)``.
         frames: observed frames ``T``.
+        dtype, device: of the per-observation scales (a :class:`FrameCovariance` follows the
+            residuals it is applied to).
 
     Returns:
-        ``(T·m,)`` float64 per-observation scales when no two observations share a state
-        component (points, blocks: exact, the covariance is diagonal); otherwise a
+        ``(T·m,)`` per-observation scales when no two observations share a state component
+        (points, blocks: exact, the covariance is diagonal); otherwise a
         :class:`FrameCovariance` with the full ``H V Hᵀ``.
     """
     if op.disjoint_rows:
-        return op.white_variance(state_var).repeat(frames)
+        return op.white_variance(state_var).repeat(frames).to(dtype=dtype, device=device)
     return FrameCovariance(op.white_covariance(state_var), sigma_y, frames)
 
 
