@@ -254,6 +254,29 @@ def test_uncoupled_neurons_are_independent(device: torch.device) -> None:
     assert changed[n - 1] and changed[1]
 
 
+def test_v_alone_cannot_separate_w_offset_from_i_ext_and_a(device: torch.device) -> None:
+    # (w + δ, a + b δ, I_ext + δ) gives the same v for every δ: v observations leave θ a ridge
+    # that only the prior closes (docs/benchmarks.md, FitzHugh–Nagumo smoothing). The smoother's
+    # I_ext error follows its w offset along it; this guards that statement.
+    m = FitzHughNagumo(16, coupling=0.1)
+    g = torch.Generator().manual_seed(10)
+    x0 = m.initial_state(3, g, dtype=F64, device=device)
+    th = _mixed_theta(m, 3, device)
+    delta = torch.tensor([0.3, -0.2, 0.1], dtype=F64, device=device)
+    x1 = x0.clone()
+    x1[:, 1] += delta[:, None]
+    th1 = th.clone()
+    th1[:, 0] += th[:, 1] * delta
+    th1[:, 3] += delta
+    a, b = m.advance(x0, th, 400), m.advance(x1, th1, 400)
+    assert torch.allclose(a[:, 0], b[:, 0], rtol=0, atol=1e-9)
+    assert torch.allclose(b[:, 1] - a[:, 1], delta[:, None].expand(-1, 16), rtol=0, atol=1e-9)
+    # b is not on the ridge: changing it alone changes v
+    th2 = th.clone()
+    th2[:, 1] *= 1.1
+    assert (m.advance(x0, th2, 400)[:, 0] - a[:, 0]).abs().max() > 1e-2
+
+
 # --------------------------------------------------------------------------------------------
 # batching
 def test_batch_invariance(device: torch.device) -> None:
