@@ -268,13 +268,13 @@ def test_v_alone_cannot_separate_w_offset_from_i_ext_and_a(device: torch.device)
     th1 = th.clone()
     th1[:, 0] += th[:, 1] * delta
     th1[:, 3] += delta
-    a, b = m.advance(x0, th, 400), m.advance(x1, th1, 400)
-    assert torch.allclose(a[:, 0], b[:, 0], rtol=0, atol=1e-9)
-    assert torch.allclose(b[:, 1] - a[:, 1], delta[:, None].expand(-1, 16), rtol=0, atol=1e-9)
+    ref, shifted = m.advance(x0, th, 400), m.advance(x1, th1, 400)
+    assert torch.allclose(ref[:, 0], shifted[:, 0], rtol=0, atol=1e-9)
+    assert torch.allclose(shifted[:, 1] - ref[:, 1], delta[:, None].expand(-1, 16), rtol=0, atol=1e-9)
     # b is not on the ridge: changing it alone changes v
     th2 = th.clone()
     th2[:, 1] *= 1.1
-    assert (m.advance(x0, th2, 400)[:, 0] - a[:, 0]).abs().max() > 1e-2
+    assert (m.advance(x0, th2, 400)[:, 0] - ref[:, 0]).abs().max() > 1e-2
 
 
 # --------------------------------------------------------------------------------------------
