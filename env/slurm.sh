@@ -11,7 +11,9 @@
 # PID files, spool and logs. Settings this machine needs: proctrack/linuxproc (no cgroups),
 # MpiDefault=pmi2, batch_sched_delay=0 (jobs start at once). A second partition, `short` (5 min
 # limit), is there to try time-limit checks; SCOREDA_SLURM_CRED_EXPIRE (default 30 s) is also how
-# long a requeued job waits before it may start again.
+# long a requeued job waits before it may start again. env/slurm_epilog.sh, the node's Epilog and
+# run at start and stop, removes the MPICH shared-memory segments of killed jobs (a later job with
+# the same SLURM ids would attach to them and fail in MPI_Init).
 set -euo pipefail
 
 DIR="${SCOREDA_SLURM_DIR:-/tmp/scoreda-slurm}"
@@ -21,6 +23,7 @@ CPUS="$(getconf _NPROCESSORS_ONLN)"  # not nproc: it follows OMP_NUM_THREADS
 MEM_MB="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
 PORT_CTLD="${SCOREDA_SLURM_PORT:-6917}"
 PORT_D="$((PORT_CTLD + 1))"
+EPILOG="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/slurm_epilog.sh"
 
 say() { echo "[slurm] $*" >&2; }
 
@@ -60,6 +63,7 @@ JobAcctGatherType=jobacct_gather/none
 MinJobAge=3600
 KillWait=5
 InactiveLimit=0
+Epilog=$EPILOG
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 PartitionName=short Nodes=$HOST MaxTime=00:05:00 State=UP
@@ -70,7 +74,7 @@ start() {
     if alive slurmctld && alive slurmd && alive munged; then
         say "already running in $DIR"
     else
-        stop >/dev/null 2>&1 || true
+        stop >/dev/null 2>&1 || true  # clears stale segments too
         write_conf
         [[ -s "$DIR/munge.key" ]] || head -c 1024 /dev/urandom >"$DIR/munge.key"
         chmod 400 "$DIR/munge.key"
@@ -102,6 +106,7 @@ stop() {
         fi
         rm -f "$DIR/$name.pid"
     done
+    "$EPILOG"
     say "stopped ($DIR)"
 }
 

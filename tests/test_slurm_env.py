@@ -1,7 +1,9 @@
-"""env/slurm.sh: a single-node SLURM started and stopped by PID runs a 2-task MPI job."""
+"""env/slurm.sh: a single-node SLURM started and stopped by PID runs a 2-task MPI job and clears
+the MPI segments its killed jobs leave."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import subprocess
@@ -76,3 +78,51 @@ srun {PYTHON} -c "from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.Get_rank()
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_epilog_clears_the_mpi_segments_of_killed_jobs_and_keeps_live_ones(tmp_path):
+    """A cancelled srun step leaves its MPICH segment, named by its SLURM job and step id; a later
+    job with those ids (a requeue, a restarted local SLURM) would attach to it and die in MPI_Init.
+    The node's epilog removes it, and stale ones of earlier runs, but keeps any a process holds."""
+    shm = Path("/dev/shm")
+    stale = shm / f"mpich_shm_scoredatest{os.getpid()}_0"
+    held = shm / f"mpich_shm_scoredatest{os.getpid()}_1"
+    stale.write_bytes(b"\0" * 4096)
+    held.write_bytes(b"\0" * 4096)
+    state = tmp_path / "slurm"
+    env = {**os.environ, "SCOREDA_SLURM_DIR": str(state), "SCOREDA_SLURM_PORT": str(free_port_pair())}
+    with held.open("r+b") as f, mmap.mmap(f.fileno(), 4096) as live:
+        time.sleep(1.1)  # both older than any scan from here on
+        try:
+            up = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True,
+                                text=True, timeout=120)
+            assert up.returncode == 0, up.stderr
+            assert not stale.exists() and held.exists()  # start clears what earlier runs left
+            stale.write_bytes(b"\0" * 4096)
+            env["SLURM_CONF"] = str(state / "slurm.conf")
+            out = tmp_path / "out.txt"
+            job = tmp_path / "job.sh"
+            rank = "from mpi4py import MPI; import time; MPI.COMM_WORLD.Barrier(); " \
+                   "print('up', flush=True); time.sleep(300)"
+            job.write_text(f'#!/bin/bash\n#SBATCH -n 2\n#SBATCH -o {out}\nsrun {PYTHON} -c "{rank}"\n')
+            before = set(shm.glob("mpich_*"))
+            time.sleep(1.1)
+            jid = subprocess.run(["sbatch", "--parsable", str(job)], env=env, capture_output=True,
+                                 text=True, timeout=60, check=True).stdout.strip()
+            deadline = time.time() + 120
+            while time.time() < deadline and (not out.exists() or out.read_text().count("up") < 2):
+                time.sleep(0.3)
+            assert out.read_text().count("up") == 2, out.read_text()
+            own = set(shm.glob("mpich_shm_*")) - before
+            assert own, "the running step holds a segment"
+            subprocess.run(["scancel", jid], env=env, check=True, timeout=30)
+            assert _wait_done(jid, env, 60) == "CANCELLED"
+            deadline = time.time() + 30  # the epilog runs as the job completes
+            while time.time() < deadline and (stale.exists() or any(p.exists() for p in own)):
+                time.sleep(0.3)
+            assert not stale.exists() and not any(p.exists() for p in own)
+            assert held.exists() and live[:4] == b"\0" * 4
+        finally:
+            subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=60)
+            stale.unlink(missing_ok=True)
+            held.unlink(missing_ok=True)
