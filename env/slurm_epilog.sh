@@ -11,9 +11,11 @@
 #
 # A segment is stale when it was created (ctime) before this scan began and no process maps it or
 # holds it open: MPICH's creator keeps the file open from shm_open until it has mapped it, and the
-# mapping lives as long as the job. A failing epilog drains the node, so this always exits 0.
+# mapping lives as long as the job. Times are compared in nanoseconds (a step killed within its
+# first second is the common case in a requeue), with 50 ms to spare for the kernel's coarse file
+# clock. A failing epilog drains the node, so this always exits 0.
 
-start="$(date +%s)"
+start="$(($(date +%s%N) - 50000000))"
 held="$(
     {
         cat /proc/[0-9]*/maps 2>/dev/null
@@ -23,7 +25,7 @@ held="$(
 for seg in /dev/shm/mpich_shm_* /dev/shm/mpich_vci_*; do
     [[ -f "$seg" ]] || continue
     grep -qxF "$seg" <<<"$held" && continue
-    ctime="$(stat -c %Z "$seg" 2>/dev/null)" || continue
-    ((ctime < start)) && rm -f "$seg"
+    ctime="$(stat -c %.9Z "$seg" 2>/dev/null)" || continue
+    ((${ctime/./} < start)) && rm -f "$seg"
 done
 exit 0
