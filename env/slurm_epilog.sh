@@ -6,14 +6,14 @@
 # job and step id; a step killed mid-run (scancel, a time limit, a requeue) leaves its segment
 # behind. A later step with the same ids (the requeued job's rerun, or a job of a restarted local
 # SLURM, whose ids start again at 1) attaches to the stale segment and dies in MPI_Init with
-# "Message truncated" while its other ranks hang. Clusters clear /dev/shm in their own epilogs;
-# this one does it for one machine.
+# "Message truncated" while its other ranks hang. On a cluster the site's epilog or job container
+# usually clears /dev/shm; this one does it for one machine.
 #
 # A segment is stale when it was created (ctime) before this scan began and no process maps it or
 # holds it open: MPICH's creator keeps the file open from shm_open until it has mapped it, and the
-# mapping lives as long as the job. Times are compared in nanoseconds (a step killed within its
-# first second is the common case in a requeue), with 50 ms to spare for the kernel's coarse file
-# clock. A failing epilog drains the node, so this always exits 0.
+# mapping lives as long as the job. Times are compared in nanoseconds (a job cancelled in the
+# second it started would otherwise keep its segment), with 50 ms to spare for the kernel's coarse
+# file clock. A failing epilog drains the node, so this always exits 0.
 
 start="$(($(date +%s%N) - 50000000))"
 held="$(
