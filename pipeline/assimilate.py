@@ -29,7 +29,7 @@ from kernels.observe import add_noise, make_operator
 from kernels.streams import generator, per_member
 from pipeline.config import AssimilateConfig, dump
 from pipeline.datasets import software_version
-from pipeline.runtime import progress
+from pipeline.runtime import compute_device, progress
 from pipeline.simulate import DivergenceError
 from pipeline.storage import check_output, config_path_for, write_dataset
 
@@ -94,7 +94,7 @@ class Twin:
         self.cfg = cfg
         self.model = cfg.model.build()
         self.dtype = getattr(torch, cfg.dtype)
-        self.device = torch.device(cfg.device)
+        self.device = compute_device(cfg.device)
         self.dt = float(cfg.model.dt)
         obs = cfg.observation
         self.op = make_operator(obs.kind, self.model.state_shape, nonlinearity=obs.nonlinearity,

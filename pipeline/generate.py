@@ -43,7 +43,7 @@ from pipeline.config import (
     resolve_config_path,
     validate,
 )
-from pipeline.runtime import progress
+from pipeline.runtime import compute_device, progress
 from pipeline.simulate import DivergenceError
 
 EXIT_BAD_INPUT = 2
@@ -311,6 +311,8 @@ def generate(cfg: GenerateConfig, out: str | Path | None = None, overwrite: bool
     target = out if out is not None else cfg.out
     if target is None:
         raise ConfigError("generate: no output store; set 'out' in the config or pass --out")
+    if client is None and cfg.dask.scheduler is None:
+        compute_device(cfg.device)  # the local workers share this node: refuse here, not on each
     path = st.check_store_path(target)
     with st.writer_lock(path):
         return _generate(cfg, path, overwrite, client, echo, t_start)

@@ -50,6 +50,48 @@ def rank() -> int:
     return 0
 
 
+def local_rank() -> int:
+    """This process's rank among its job's processes on the same node (0 when no launcher says):
+    torchrun's ``LOCAL_RANK``, srun's ``SLURM_LOCALID``, MPICH's ``MPI_LOCALRANKID``, Open MPI's
+    ``OMPI_COMM_WORLD_LOCAL_RANK``."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        v = os.environ.get(var, "")
+        if v.isdigit():
+            return int(v)
+    return 0
+
+
+def compute_device(name: str) -> torch.device:
+    """The torch device a config's ``device`` means for this process.
+
+    ``cuda`` without an index spreads a job's ranks over the node's GPUs: GPU
+    ``local_rank() % device_count`` (one rank per GPU when the launcher starts one per GPU, as
+    NCCL requires; GPU 0 when the launcher gives each task its own ``CUDA_VISIBLE_DEVICES``).
+    ``cuda:N`` is taken as it is.
+
+    Raises:
+        ConfigError: one line naming ``device``, when this process cannot use it (a GPU config
+            run on a CPU node or with a CPU build of torch).
+    """
+    from pipeline.config import ConfigError
+
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU build" if torch.version.cuda is None
+                   else "no CUDA device is visible to this process")
+            raise ConfigError(f"device: {name!r} asked for, but {why} (set device: cpu)")
+        count = torch.cuda.device_count()
+        if dev.index is None:
+            return torch.device("cuda", local_rank() % count)
+        if dev.index >= count:
+            raise ConfigError(f"device: {name!r} asked for, but this process sees {count} CUDA "
+                              "device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but MPS is not available here")
+    return dev
+
+
 def progress(total: int, desc: str, unit: str = "step", *, any_rank: bool = False,
              **kw: Any) -> tqdm:
     """A rank-0 progress bar on stderr that appears only when the work outlasts two seconds.

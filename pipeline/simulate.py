@@ -11,7 +11,7 @@ import xarray as xr
 from kernels.streams import per_member
 from pipeline.config import SimulateConfig, dump
 from pipeline.datasets import trajectory_dataset
-from pipeline.runtime import progress
+from pipeline.runtime import compute_device, progress
 from pipeline.storage import check_output, write_dataset
 
 
@@ -32,7 +32,7 @@ def run_ensemble(
     """
     model = cfg.model.build()
     dtype = getattr(torch, cfg.dtype)
-    device = torch.device(cfg.device)
+    device = compute_device(cfg.device)
     dt = cfg.model.dt  # resolved to the model default by the config
     members = range(cfg.members)
     if cfg.theta == "prior":

@@ -54,7 +54,7 @@ from pipeline.config import (
     resolve_config_path,
     validate,
 )
-from pipeline.runtime import member_slice, progress, tune_allocator, world
+from pipeline.runtime import compute_device, member_slice, progress, tune_allocator, world
 from pipeline.storage import OutputError, write_text_atomic
 from pipeline.store import store_config
 
@@ -72,7 +72,8 @@ class Problem:
         run = Path(cfg.model_run)
         if not (run / "model.pt").exists():
             raise OutputError(f"{run}: no model.pt (not a finished `scoreda train` run)")
-        self.den, self.spec = load_model(run, cfg.device)
+        self.device = compute_device(cfg.device)
+        self.den, self.spec = load_model(run, self.device)
         self.den = self.den.to(dtype=getattr(torch, cfg.dtype))
         tdata = load_yaml(run / TRAIN_CONFIG)
         if cfg.store is not None:
@@ -165,11 +166,11 @@ class Problem:
         # scale γ by what such a white perturbation gives each observation (a point: the
         # channel's physical variance; a block mean or a velocity: far less) so γ keeps its meaning
         scale = likelihood_scale(self.op, den.normalizer.state_std.double().square(),
-                                 self._sigma_flat(torch.float64), len(self.times), dtype, cfg.device)
+                                 self._sigma_flat(torch.float64), len(self.times), dtype, self.device)
         if cfg.condition == "truth_states":
-            x0, _ = den.normalizer.encode(self.truth.to(dtype=dtype, device=cfg.device),
+            x0, _ = den.normalizer.encode(self.truth.to(dtype=dtype, device=self.device),
                                           torch.zeros(len(self.spec["params"]), dtype=dtype,
-                                                      device=cfg.device))
+                                                      device=self.device))
             xt = sample_theta_given_states(self.eps, den.schedule, x0, len(self.spec["params"]),
                                            gens, s.steps, theta_frames=1, theta_clip=s.theta_clip)
             xs = x0.unsqueeze(0).expand(len(gens), *x0.shape)
@@ -177,7 +178,7 @@ class Problem:
             xs, xt = sample_posterior(
                 self.eps, den.schedule, (cfg.length, *self.frame_shape), len(self.spec["params"]),
                 gens, settings, observe=observe, y=self.y.reshape(-1).to(dtype),
-                sigma_y=self._sigma_flat(dtype), gamma_scale=scale, dtype=dtype, device=cfg.device,
+                sigma_y=self._sigma_flat(dtype), gamma_scale=scale, dtype=dtype, device=self.device,
                 theta_frames=1 if self.static_theta else None,
                 project_state=mean_projection(den.normalizer, self.model.mean_free))
         xt = xt.expand(-1, cfg.length, -1)  # static θ: the same vector at every frame

@@ -53,7 +53,14 @@ from kernels.score.denoiser import denoising_error
 from kernels.score.sda import EpsFn
 from kernels.streams import generator
 from pipeline.config import ConfigError, TrainConfig, dump, load_yaml, resolve_config_path, validate
-from pipeline.runtime import StopSignals, init_distributed, progress, rank_logger, tune_allocator
+from pipeline.runtime import (
+    StopSignals,
+    compute_device,
+    init_distributed,
+    progress,
+    rank_logger,
+    tune_allocator,
+)
 from pipeline.storage import OutputError, write_bytes_atomic, write_text_atomic
 
 EXIT_DONE, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 2, 3
@@ -274,7 +281,7 @@ def composed_model_eps(den: WindowDenoiser, spec: dict[str, Any], static_theta: 
     return trajectory_eps(den.eps, w, static_theta=True, schedule=den.schedule, theta_prior=prior)
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[WindowDenoiser, dict[str, Any]]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[WindowDenoiser, dict[str, Any]]:
     """The trained EMA denoiser of a run's ``model.pt`` (or the file itself) and its spec."""
     path = Path(path)
     if path.is_dir():
@@ -410,7 +417,7 @@ class Trainer:
         if cfg.batch_size % size:
             raise ConfigError(f"batch_size: {cfg.batch_size} does not split evenly over {size} "
                               "processes (each must hold the same number of windows)")
-        self.device = torch.device(cfg.device)
+        self.device = compute_device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
         self.src = WindowSource(cfg, "train")
         self.valid = WindowSource(cfg, "valid")
@@ -647,6 +654,9 @@ class Trainer:
 # entry points
 def _setup(cfg: TrainConfig) -> tuple[int, int]:
     torch.set_num_threads(cfg.threads)
+    dev = compute_device(cfg.device)  # before any collective: a bad device stops every rank alike
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL's collectives run on the current device
     return init_distributed(cfg.device)
 
 

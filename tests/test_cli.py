@@ -107,3 +107,45 @@ def test_simulate_from_config_with_overrides(tmp_path):
     with xr.open_zarr(out, consolidated=False) as ds:
         assert ds.sizes["x"] == 16 and ds.sizes["time"] == 3
         assert ds.attrs["spinup_steps"] == 0
+
+
+def test_cuda_without_an_index_spreads_a_jobs_ranks_over_the_node_gpus(monkeypatch):
+    from pipeline.config import ConfigError
+    from pipeline.runtime import compute_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for var in ("LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert compute_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("MPI_LOCALRANKID", "3")            # mpiexec: 4th rank on the node
+    assert compute_device("cuda") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "2")                 # torchrun's own variable comes first
+    assert compute_device("cuda") == torch.device("cuda", 0)
+    assert compute_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"device: 'cuda:2'.* 2 CUDA"):
+        compute_device("cuda:2")
+    assert compute_device("cpu") == torch.device("cpu")
+
+
+def test_a_gpu_config_without_a_gpu_fails_in_one_line_and_writes_nothing(tmp_path, capsys,
+                                                                        monkeypatch):
+    import yaml
+
+    from pipeline.config import load_yaml, resolve_config_path
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for stage, name, flag in (("train", "train_demo", "--run-dir"),
+                              ("generate", "generate_demo_l96", "--out")):
+        data = {**load_yaml(resolve_config_path(name)), "device": "cuda"}
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        out = tmp_path / (f"{stage}.zarr" if stage == "generate" else f"{stage}_run")
+        rc = main([stage, str(path), flag, str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and "device: 'cuda'" in err and err.count("\n") == 1, (stage, err)
+        assert not out.exists()
+    rc = main(["simulate", "lorenz96", "--size", "8", "--steps", "2", "--device", "cuda",
+               "--out", str(tmp_path / "s.nc")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "device: 'cuda'" in err and not (tmp_path / "s.nc").exists()
