@@ -135,6 +135,29 @@ def test_samples_do_not_depend_on_the_rank_count(tmp_path, model_run):
     np.testing.assert_allclose(a["theta"].values, b["theta"].values, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_train_and_smooth_on_the_device_match_the_cpu(tmp_path, train_l96_window_model, device):
+    """The pipeline's device path (``compute_device``, the model, batches and sampler on the
+    device, noise from the CPU streams): float64 runs on ``--device`` equal the CPU's to
+    rounding. Needs ``--device cuda``."""
+    import torch
+
+    cpu = torch.device("cpu")
+    runs = {d.type: train_l96_window_model(tmp_path, 30, name=f"run_{d.type}", device=str(d),
+                                           dtype="float64") for d in (cpu, device)}
+    (a, _), (b, _) = (tr.load_model(runs[k]) for k in (cpu.type, device.type))
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=1e-6, atol=1e-8, msg=name)
+    outs = {}
+    for d in (cpu, device):
+        outs[d.type] = tmp_path / f"smooth_{d.type}"
+        sm.smooth(make_cfg(runs["cpu"], samples=3, sda={"steps": 12}, dtype="float64",
+                           device=str(d)), outs[d.type])
+    x, y = (xr.open_zarr(outs[k] / sm.STORE, consolidated=False) for k in (cpu.type, device.type))
+    np.testing.assert_allclose(y["x"].values, x["x"].values, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(y["theta"].values, x["theta"].values, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("change,needle", [
     ({"length": 2}, "length"),
     ({"trajectory": 99}, "trajectory"),
