@@ -14,6 +14,7 @@ __all__ = [
     "credible_interval",
     "crps_ensemble",
     "interval_coverage",
+    "interval_level",
     "param_summary",
     "quantile",
     "rank_histogram",
@@ -109,25 +110,31 @@ def rank_histogram(
     return torch.cumsum(diff, 0)[: n + 1]
 
 
-def quantile(samples: torch.Tensor, q: torch.Tensor | float) -> torch.Tensor:
-    """Quantiles along the first (sample) axis with linear interpolation (numpy's default).
+def quantile(samples: torch.Tensor, q: torch.Tensor | float, method: str = "linear") -> torch.Tensor:
+    """Quantiles along the first (sample) axis, interpolated linearly between order statistics.
 
     Written with a sort so it has no size limit (``torch.quantile`` refuses large inputs).
 
     Args:
         samples: ``(N, ...)``.
         q: probability levels in [0, 1], a float or ``(Q,)``.
+        method: where level ``q`` sits among the sorted samples (0-based): ``"linear"`` (numpy's
+            default) at ``q (N − 1)``; ``"weibull"`` at ``q (N + 1) − 1``, clamped to the sample
+            range, where a new draw from the samples' distribution falls below with probability
+            ``q`` (``E F(X_(r)) = r/(N + 1)`` for the r-th of N draws).
 
     Returns:
         ``(...)`` for a float ``q``, else ``(Q, ...)``.
     """
+    if method not in ("linear", "weibull"):
+        raise ValueError(f"method must be 'linear' or 'weibull', got {method!r}")
     qt = torch.as_tensor(q, dtype=torch.float64)
     levels = qt.reshape(-1)
     if ((levels < 0) | (levels > 1)).any():
         raise ValueError(f"quantile levels must lie in [0, 1], got {qt.tolist()}")
     n = samples.shape[0]
     xs = torch.sort(samples, dim=0).values
-    pos = levels * (n - 1)
+    pos = levels * (n - 1) if method == "linear" else (levels * (n + 1) - 1).clamp(0, n - 1)
     lo = torch.floor(pos).long().clamp(0, n - 1)
     hi = (lo + 1).clamp_max(n - 1)
     frac = (pos - lo).to(samples.dtype).to(samples.device).reshape((-1,) + (1,) * (samples.ndim - 1))
@@ -139,17 +146,30 @@ def quantile(samples: torch.Tensor, q: torch.Tensor | float) -> torch.Tensor:
 def credible_interval(samples: torch.Tensor, level: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
     """Central (equal-tailed) credible interval from posterior samples.
 
+    The bounds are the ``(1 ∓ level)/2`` quantiles at the Weibull positions (:func:`quantile`):
+    a truth distributed as the posterior (a calibrated sampler) falls inside with probability
+    ``level`` whatever N, as long as ``N ≥ 2/(1 − level) − 1`` (19 at 90 %); below that the
+    interval is the sample range and covers ``(N − 1)/(N + 1)``. Numpy's default positions
+    cover less with few samples: 85 % for a 90 % interval from 32 samples, 72 % from 8.
+
     Args:
         samples: ``(N, P)``.
         level: probability mass inside the interval, in (0, 1).
 
     Returns:
-        ``(lo, hi)``, each ``(P,)``: the ``(1 − level)/2`` and ``(1 + level)/2`` quantiles.
+        ``(lo, hi)``, each ``(P,)``.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    q = quantile(samples, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    q = quantile(samples, [(1.0 - level) / 2.0, (1.0 + level) / 2.0], method="weibull")
     return q[0], q[1]
+
+
+def interval_level(n: int, level: float = 0.9) -> float:
+    """The coverage a calibrated :func:`credible_interval` of ``level`` from ``n`` samples has:
+    ``level``, or ``(n − 1)/(n + 1)`` when ``n`` is too small to place its bounds inside the
+    samples."""
+    return min(level, (n - 1) / (n + 1)) if n > 1 else 0.0
 
 
 def interval_coverage(samples: torch.Tensor, truth: torch.Tensor, level: float = 0.9) -> torch.Tensor:

@@ -272,6 +272,7 @@ def evaluate(p: Problem, state: torch.Tensor, theta: torch.Tensor) -> dict[str, 
         draws = theta.mean(1)  # one θ draw per sample: the window average (θ is static here)
         truth_th = p.theta_truth.mean(0)
         summ = metrics.param_summary(draws, truth_th, 0.9)
+        out["interval_level"] = metrics.interval_level(s, 0.9)
         if not t:  # no truth: only the posterior itself
             summ = {k: v for k, v in summ.items() if k in ("mean", "std", "lo", "hi")}
         out["theta"] = {name: {k: float(v[j]) if v.dtype != torch.bool else bool(v[j])
@@ -316,10 +317,19 @@ def write_outputs(p: Problem, out: Path, state: torch.Tensor, theta: torch.Tenso
     _plots(p, out, state, theta)
 
 
+def _interval_note(met: dict[str, Any]) -> list[str]:
+    lv = met.get("interval_level", 0.9)
+    if "theta" not in met or lv >= 0.9:
+        return []
+    return [f"θ intervals below are the range of {met['samples']} samples: {lv:.0%} coverage when "
+            f"calibrated (a 90% interval needs at least 19 samples)"]
+
+
 def summary_lines(met: dict[str, Any]) -> list[str]:
     if met.get("condition") == "truth_states":
         lines = [f"θ given the true states (no observations): {met['samples']} samples, "
                  f"{met['seconds_per_sample']:.2f} s per sample"]
+        lines += _interval_note(met)
         for name, t in met.get("theta", {}).items():
             lines.append(f"θ {name}: mean {t['mean']:.4g} ± {t['std']:.2g}, 90% [{t['lo']:.4g}, "
                          f"{t['hi']:.4g}], truth {t['truth']:.4g} "
@@ -331,6 +341,7 @@ def summary_lines(met: dict[str, Any]) -> list[str]:
              f"({met['observations']} observations)",
              f"{met['seconds']:.1f} s wall on {met['ranks']} rank(s), "
              f"{met['seconds_per_sample']:.2f} s per sample"]
+    lines += _interval_note(met)
     for name, t in met.get("theta", {}).items():
         truth = (f", truth {t['truth']:.4g} ({'covered' if t['covered'] else 'NOT covered'})"
                  if "truth" in t else " (observations from a file: no truth)")

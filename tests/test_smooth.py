@@ -59,6 +59,9 @@ def test_smooth_writes_samples_metrics_and_plots(tmp_path, model_run):
     assert np.array_equal(th, np.repeat(th[:, :1], 12, axis=1))
     f = json.loads((tmp_path / "out" / sm.METRICS).read_text())
     assert set(f["theta"]["F"]) >= {"mean", "lo", "hi", "truth", "covered"}
+    # 6 samples cannot hold a 90 % interval: the range, 5/7 when calibrated, and the summary says so
+    assert f["interval_level"] == pytest.approx(5 / 7)
+    assert "range of 6 samples: 71% coverage" in (tmp_path / "out" / sm.SUMMARY).read_text()
     # the truth is the store's test trajectory, frames 2..13
     store = xr.open_zarr(tr.load_train_config(model_run / tr.CONFIG).store, consolidated=False)
     j = int(np.nonzero(store["split"].values == 2)[0][0])
