@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +22,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the MPICH segments that killed test jobs leave in /dev/shm.
+
+    The ranks of an mpiexec job that a kill/resume test SIGKILLs cannot unlink their shared
+    memory (1–4 MiB each, a dozen per suite run), and a later job whose hashed segment name
+    matches would attach to a stale one. ``env/slurm_epilog.sh`` removes those that no live
+    process maps or holds open, so jobs of another run going on meanwhile keep theirs.
+    """
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controller does it
+        return
+    epilog = Path(__file__).resolve().parents[1] / "env" / "slurm_epilog.sh"
+    if Path("/dev/shm").is_dir() and epilog.is_file():
+        subprocess.run(["bash", str(epilog)], check=False, timeout=60)
 
 
 @pytest.fixture(scope="session")
