@@ -223,6 +223,8 @@ def _stage_configs(sub: SubmitConfig, run_dir: Path, stages: list[str]) -> dict[
             if not store.exists():
                 raise ConfigError(f"{stage}.config: store {store} does not exist and no generate "
                                   f"stage makes it")
+        if stage == "train":
+            _check_train_gpus(spec, cfg.device, path)  # type: ignore[attr-defined]
         sda = getattr(getattr(cfg, "filter", None), "sda", None)
         if stage == "campaign" and sda is not None and "train" not in stages \
                 and not (Path(sda.model) / "model.pt").exists():
@@ -230,6 +232,25 @@ def _stage_configs(sub: SubmitConfig, run_dir: Path, stages: list[str]) -> dict[
                               f"no train stage makes it")
         out[stage] = cfg.model_dump(mode="json")
     return out
+
+
+def _check_train_gpus(spec: JobSpec, device: str, path: Path) -> None:
+    """The train job's GPUs and its config's device agree: one DDP rank per GPU (NCCL refuses
+    two ranks on one GPU), and no GPU allocated to a CPU training."""
+    gpu = device.startswith("cuda")
+    if gpu and spec.gpus == 0:
+        raise ConfigError(f"train.gpus: 0, but train.config ({path}) trains on device {device!r}: "
+                          "ask for the nodes' GPUs")
+    if spec.gpus and not gpu:
+        raise ConfigError(f"train.gpus: {spec.gpus} per node asked, but train.config ({path}) "
+                          f"trains on device {device!r} (set device: cuda)")
+    if gpu and spec.ntasks != spec.nodes * spec.gpus:
+        raise ConfigError(f"train.ntasks: {spec.ntasks} ranks on {spec.nodes} node(s) with "
+                          f"{spec.gpus} GPUs each; DDP takes one rank per GPU "
+                          f"(ntasks = nodes × gpus = {spec.nodes * spec.gpus})")
+    if device != "cuda" and gpu and spec.ntasks > spec.nodes:
+        raise ConfigError(f"train.config ({path}): device {device!r} puts every rank of a node on "
+                          "one GPU; use device: cuda (GPU local rank)")
 
 
 def _schema(stage: str) -> type[Strict]:

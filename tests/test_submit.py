@@ -348,6 +348,31 @@ def test_chain_paths_are_wired_into_the_stage_configs(tmp_path):
         _stage_configs(bad, tmp_path, ["campaign"])
 
 
+def test_train_gpus_and_the_config_device_must_agree(tmp_path):
+    """One DDP rank per GPU, no GPUs for a CPU training, no GPU training without GPUs: refused
+    at submit time, naming the key, before any job is queued."""
+    from pipeline.submit import _stage_configs
+
+    store = tmp_path / "s.zarr"
+    store.mkdir()
+    data = yaml.safe_load((ROOT / "pipeline/configs/train_demo.yaml").read_text())
+
+    def sub(device, **spec):
+        conf = _write(tmp_path / "t.yaml", {**data, "device": device, "store": str(store)})
+        return validate({"stage": "submit", "site": {"gpus_per_node": 4},
+                         "train": {"config": str(conf), **spec}}, SubmitConfig, "x")
+
+    for device, spec, needle in (
+            ("cuda", {}, r"train.gpus: 0, but train.config .* device 'cuda'"),
+            ("cpu", {"gpus": 2, "ntasks": 2}, r"train.gpus: 2 per node asked, .* device 'cpu'"),
+            ("cuda", {"gpus": 4, "nodes": 2, "ntasks": 4}, r"train.ntasks: 4 ranks on 2 node"),
+            ("cuda:0", {"gpus": 2, "ntasks": 2}, r"device 'cuda:0' puts every rank")):
+        with pytest.raises(ConfigError, match=needle):
+            _stage_configs(sub(device, **spec), tmp_path, ["train"])
+    ok = _stage_configs(sub("cuda", gpus=4, nodes=2, ntasks=8), tmp_path, ["train"])
+    assert ok["train"]["device"] == "cuda"
+
+
 def test_job_passes_an_early_usr1_on_and_the_rerun_resumes_training(tmp_path, make_l96_store):
     """`scoreda job train` outside SLURM: a USR1 that arrives at once (as SLURM may send it) is
     held and passed on; training stops with exit 3 and a second `scoreda job` resumes it to the
