@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit as _atexit
 import signal as _signal
 import threading as _threading
 
@@ -11,10 +12,26 @@ import threading as _threading
 _early: list[str] = []
 
 
+_late_hooked: list[bool] = []
+
+
+def _ignore_late_usr1() -> None:
+    """At exit: ignore SIGUSR1. Python resets its own handlers to the default (die) while it
+    shuts down, and a USR1 arriving then (the job runner passes it on every 10 s until the stage
+    exits) would turn a finished, committed stage into a job killed by a signal. SIG_IGN is kept
+    through the shutdown."""
+    if _threading.current_thread() is _threading.main_thread():
+        _signal.signal(_signal.SIGUSR1, _signal.SIG_IGN)
+
+
 def catch_early_usr1() -> None:
-    """Record SIGUSR1 instead of dying of it, until a stage installs its own handler."""
+    """Record SIGUSR1 instead of dying of it, until a stage installs its own handler; ignore it
+    once the process exits (:func:`_ignore_late_usr1`)."""
     if _threading.current_thread() is _threading.main_thread():
         _signal.signal(_signal.SIGUSR1, lambda signum, frame: _early.append("SIGUSR1"))
+        if not _late_hooked:
+            _atexit.register(_ignore_late_usr1)
+            _late_hooked.append(True)
 
 
 def early_signal() -> str | None:

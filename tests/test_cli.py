@@ -149,3 +149,22 @@ def test_a_gpu_config_without_a_gpu_fails_in_one_line_and_writes_nothing(tmp_pat
                "--out", str(tmp_path / "s.nc")])
     err = capsys.readouterr().err
     assert rc == 2 and "device: 'cuda'" in err and not (tmp_path / "s.nc").exists()
+
+
+def test_a_usr1_after_the_stage_is_ignored_while_the_process_exits():
+    # SLURM's USR1, passed on every 10 s until a stage exits, once killed a finished campaign in
+    # Python's shutdown (which resets Python handlers to "die"): the CLI ignores it at exit. The
+    # probe is registered first, so it runs after the CLI's exit hook, as Python's shutdown does.
+    probe = (
+        "import atexit, os, signal\n"
+        "def probe():\n"
+        "    ok = signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    print('ignored' if ok else 'handled by Python only')\n"
+        "atexit.register(probe)\n"
+        "from pipeline.cli import main\n"
+        "raise SystemExit(main(['config', 'list']))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().endswith("ignored"), p.stdout[-300:]
