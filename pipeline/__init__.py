@@ -12,9 +12,6 @@ import threading as _threading
 _early: list[str] = []
 
 
-_late_hooked: list[bool] = []
-
-
 def _ignore_late_usr1() -> None:
     """At exit: ignore SIGUSR1. Python resets its own handlers to the default (die) while it
     shuts down, and a USR1 arriving then (the job runner passes it on every 10 s until the stage
@@ -29,9 +26,8 @@ def catch_early_usr1() -> None:
     once the process exits (:func:`_ignore_late_usr1`)."""
     if _threading.current_thread() is _threading.main_thread():
         _signal.signal(_signal.SIGUSR1, lambda signum, frame: _early.append("SIGUSR1"))
-        if not _late_hooked:
-            _atexit.register(_ignore_late_usr1)
-            _late_hooked.append(True)
+        _atexit.unregister(_ignore_late_usr1)  # once per process, however often main() runs
+        _atexit.register(_ignore_late_usr1)
 
 
 def early_signal() -> str | None:
