@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from kernels.metrics import (
+    conformal_min_cases,
+    conformal_quantile,
     credible_interval,
     crps_ensemble,
     interval_coverage,
@@ -116,6 +118,29 @@ def test_interval_from_few_samples_keeps_its_level():
     q = torch.tensor([0.0, 0.03, 0.05, 0.5, 0.95, 0.99, 1.0], dtype=torch.float64)
     want_q = np.quantile(x.numpy(), q.numpy(), axis=0, method="weibull")
     torch.testing.assert_close(quantile(x, q, method="weibull"), torch.from_numpy(want_q))
+
+
+def test_conformal_bound_covers_a_biased_overconfident_posterior():
+    """Posteriors whose mean is off by 1.5 sds and whose sd is half the error's: their own
+    90 % interval covers far less; mean ± bound·sd from n earlier cases covers ⌈(n+1)·0.9⌉/(n+1)
+    of new ones (exchangeable, continuous scores), whatever the miscalibration."""
+    g = torch.Generator().manual_seed(5)
+    trials = 40000
+    for n, want in ((9, 0.9), (20, 19 / 21), (40, 37 / 41)):
+        err = 1.5 + 2.0 * torch.randn(n + 1, trials, generator=g, dtype=torch.float64)
+        score = err.abs()                           # |truth − mean| / sd with sd = 1
+        bound = conformal_quantile(score[:n], 0.9)  # (trials,)
+        cov = (score[n] <= bound).double().mean().item()
+        assert abs(cov - want) < 0.006, (n, cov)
+        assert (score[n] <= 1.645).double().mean().item() < 0.55  # the posterior's own interval
+    # the rank: the 9th of 9 at 90 %, the 18th of 19; too few cases give no finite bound
+    s = torch.arange(1.0, 20.0).flip(0)[:, None]
+    assert conformal_quantile(s[:9], 0.9).item() == s[:9].max().item()
+    assert conformal_quantile(s, 0.9).item() == 18.0
+    assert math.isinf(conformal_quantile(s[:8], 0.9).item())
+    assert (conformal_min_cases(0.9), conformal_min_cases(0.95), conformal_min_cases(0.8)) == (9, 19, 4)
+    with pytest.raises(ValueError, match="level"):
+        conformal_quantile(s, 1.0)
 
 
 def test_param_summary():
