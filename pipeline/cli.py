@@ -177,7 +177,7 @@ COMMANDS = {"simulate": _cmd_simulate, "config": _cmd_config, "bench": _cmd_benc
 
 #: modules with ``add_cli(subparsers)``; each sub-parser sets ``func=handler(args) -> int``.
 STAGE_MODULES: list[str] = ["pipeline.generate", "pipeline.assimilate", "pipeline.campaign",
-                             "pipeline.train", "pipeline.smooth", "pipeline.submit",
+                             "pipeline.train", "pipeline.smooth", "pipeline.calibrate", "pipeline.submit",
                              "pipeline.surrogate"]
 
 

@@ -694,12 +694,14 @@ class SmoothConfig(Strict):
     # "observations": states and θ given y (SDA); "truth_states": θ alone given the window's true
     # states, no y (what the network itself reads about θ: a diagnostic, docs/smooth.md)
     condition: Literal["observations", "truth_states"] = "observations"
+    # a `scoreda calibrate` output of the same model and set-up: adds calibrated θ intervals
+    calibration: str | None = None
     seed: NonNegInt = 0                              # streams (seed, "obs", frame), (seed, "sample", i)
     dtype: Literal["float32", "float64"] = "float32"
     device: Device = "cpu"
     threads: PosInt = 1
 
-    @field_validator("model_run", "store")
+    @field_validator("model_run", "store", "calibration")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
         return _absolute_path(v)
@@ -708,10 +710,38 @@ class SmoothConfig(Strict):
     def _condition(self) -> SmoothConfig:
         if self.condition == "truth_states" and self.observations is not None:
             raise _field_error(("condition",), "truth_states needs the truth: drop observations")
+        if self.condition == "truth_states" and self.calibration is not None:
+            raise _field_error(("calibration",), "calibrates intervals from observations; "
+                               "condition truth_states has none")
         return self
 
 
 STAGES["smooth"] = SmoothConfig
+
+
+class CalibrateConfig(Strict):
+    """``scoreda calibrate``: split-conformal θ intervals of a smoothing set-up, from `scoreda
+    smooth` outputs of windows whose truth is known (twin runs on held-out trajectories)."""
+
+    stage: Literal["calibrate"] = "calibrate"
+    runs: list[str]                                  # smooth outputs (glob patterns allowed)
+    level: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    pool: Literal["param", "all"] = "param"          # one bound per parameter, or one shared
+    evaluate: list[str] = Field(default_factory=list)  # other smooth outputs to test it on
+
+    @field_validator("runs", "evaluate")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        return [str(_absolute_path(p)) for p in v]
+
+    @model_validator(mode="after")
+    def _runs(self) -> CalibrateConfig:
+        if not self.runs:
+            raise _field_error(("runs",), "give at least one smooth output (glob patterns allowed)")
+        return self
+
+
+STAGES["calibrate"] = CalibrateConfig
 
 
 # --------------------------------------------------------------------------------------------

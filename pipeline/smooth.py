@@ -11,6 +11,9 @@ The θ channels of the samples are the self-organized parameter estimate: each s
 averaged over the window's frames is one posterior draw of θ (static θ in the store) — mean,
 90 % interval and coverage of the truth are reported.
 
+With ``calibration:`` (a ``scoreda calibrate`` output of the same set-up, pipeline/calibrate.py)
+each θ also gets the split-conformal interval ``mean ± bound·sd`` calibrated on twin windows.
+
 Under ``mpiexec -n R`` rank r draws samples ``member_slice(samples, R, r)``, each from its own
 stream ``(seed, "sample", i)``: the samples do not depend on R. Rank 0 gathers and writes.
 
@@ -44,6 +47,7 @@ from kernels.score.sda import (
     sample_theta_given_states,
 )
 from kernels.streams import generator
+from pipeline.calibrate import check_calibration, load_calibration
 from pipeline.config import (
     ConfigError,
     ModelConfig,
@@ -243,8 +247,10 @@ def ensf_baseline(p: Problem, members: int) -> dict[str, Any]:
     return out
 
 
-def evaluate(p: Problem, state: torch.Tensor, theta: torch.Tensor) -> dict[str, Any]:
-    """Metrics of the samples ``state (S, L, C, *sp)``, ``theta (S, L, P)`` against the truth."""
+def evaluate(p: Problem, state: torch.Tensor, theta: torch.Tensor,
+             calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of the samples ``state (S, L, C, *sp)``, ``theta (S, L, P)`` against the truth;
+    with a ``scoreda calibrate`` result, also its calibrated θ intervals (``cal_lo``/``cal_hi``)."""
     cfg = p.cfg
     s = state.shape[0]
     flat = state.reshape(s, cfg.length, -1)
@@ -278,6 +284,14 @@ def evaluate(p: Problem, state: torch.Tensor, theta: torch.Tensor) -> dict[str, 
         out["theta"] = {name: {k: float(v[j]) if v.dtype != torch.bool else bool(v[j])
                                for k, v in summ.items()} | ({"truth": float(truth_th[j])} if t else {})
                         for j, name in enumerate(p.spec["params"])}
+        if calibration is not None:
+            out["calibration"] = {k: calibration[k] for k in ("level", "pool", "windows", "bound")}
+            out["calibration"]["path"] = p.cfg.calibration
+            for name, th in out["theta"].items():
+                half = calibration["bound"][name] * th["std"]
+                th["cal_lo"], th["cal_hi"] = th["mean"] - half, th["mean"] + half
+                if t:
+                    th["cal_covered"] = bool(th["cal_lo"] <= th["truth"] <= th["cal_hi"])
     return out
 
 
@@ -347,6 +361,12 @@ def summary_lines(met: dict[str, Any]) -> list[str]:
                  if "truth" in t else " (observations from a file: no truth)")
         lines.append(f"θ {name}: posterior mean {t['mean']:.4g} ± {t['std']:.2g}, 90% "
                      f"[{t['lo']:.4g}, {t['hi']:.4g}]{truth}")
+        if "cal_lo" in t:
+            c = met["calibration"]
+            cov = (f" ({'covered' if t['cal_covered'] else 'NOT covered'})"
+                   if "cal_covered" in t else "")
+            lines.append(f"  calibrated {c['level']:.0%} [{t['cal_lo']:.4g}, {t['cal_hi']:.4g}] "
+                         f"(mean ± {c['bound'][name]:.2f} sd, from {c['windows']} windows){cov}")
     if "ensf" in met:
         e = met["ensf"]
         lines.append(f"EnSF on the same data ({e['members']} members, filter): analysis RMSE "
@@ -434,10 +454,14 @@ def smooth(cfg: SmoothConfig, out: str | Path, overwrite: bool = False,
     torch.set_num_threads(cfg.threads)
     err = None
     p = None
+    calib = None
     try:
         if rank == 0 and out.exists() and not overwrite:
             raise OutputError(f"{out}: exists (use --overwrite)")
         p = Problem(cfg)
+        if cfg.calibration is not None:
+            calib = load_calibration(cfg.calibration)
+            check_calibration(calib, cfg, p.spec["params"])
     except (ConfigError, OutputError) as exc:
         err = exc
     errs = comm.allgather(None if err is None else str(err))
@@ -457,7 +481,7 @@ def smooth(cfg: SmoothConfig, out: str | Path, overwrite: bool = False,
     theta = torch.from_numpy(np.concatenate([b for _, b in parts]))
     if not (torch.isfinite(state).all() and torch.isfinite(theta).all()):
         raise OutputError("smooth: non-finite samples (lower sda.tau or raise sda.steps)")
-    met = evaluate(p, state, theta)
+    met = evaluate(p, state, theta, calib)
     met.update(seconds=wall, ranks=size, seconds_per_sample=wall * size / cfg.samples,
                condition=cfg.condition)
     if cfg.ensf_members and p.has_truth:
@@ -483,6 +507,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--model-run", help="override model_run (a `scoreda train` run directory)")
     p.add_argument("--samples", type=int, help="override the number of samples")
+    p.add_argument("--trajectory", type=int, help="override the test trajectory (index)")
+    p.add_argument("--start", type=int, help="override the window's first frame")
+    p.add_argument("--calibration", help="override calibration (a `scoreda calibrate` output)")
     p.set_defaults(func=_cmd)
 
 
@@ -492,8 +519,9 @@ def _cmd(args: argparse.Namespace) -> int:
     data = load_yaml(path)
     if args.model_run is not None:
         data["model_run"] = args.model_run
-    if args.samples is not None:
-        data["samples"] = args.samples
+    for key in ("samples", "trajectory", "start", "calibration"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
     cfg = validate(data, SmoothConfig, str(path))
     assert isinstance(cfg, SmoothConfig)
     met = smooth(cfg, args.out, args.overwrite)

@@ -1,0 +1,176 @@
+"""``scoreda calibrate``: split-conformal θ intervals from smoothings of known truths, and their
+use by ``scoreda smooth``; bad input refused in one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from pipeline import calibrate as cal
+from pipeline import smooth as sm
+from pipeline.cli import main
+from pipeline.config import CalibrateConfig, ConfigError, SmoothConfig, validate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STARTS = list(range(0, 21, 2))   # 11 windows of 12 frames in the 32-frame test trajectory
+
+
+def smooth_cfg(run: Path, start: int, **over) -> SmoothConfig:
+    data = {"stage": "smooth", "model_run": str(run), "trajectory": 0, "start": start,
+            "length": 12, "observation": {"kind": "every_kth", "options": {"k": 2}, "sigma": 0.5},
+            "samples": 5, "sda": {"steps": 16}, "seed": 3}
+    data.update(over)
+    cfg = validate(data, SmoothConfig)
+    assert isinstance(cfg, SmoothConfig)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def windows(tmp_path_factory, train_l96_window_model) -> tuple[Path, Path]:
+    """A small model and smoothings of 11 windows of its test trajectory: ``(model, dir)`` with
+    ``dir/s{start}`` each."""
+    d = tmp_path_factory.mktemp("calibrate")
+    model = train_l96_window_model(d, 150)
+    for s in STARTS:
+        assert sm.smooth(smooth_cfg(model, s), d / f"s{s}") is not None
+    return model, d
+
+
+def write_cfg(path: Path, **data) -> Path:
+    path.write_text(yaml.safe_dump({"stage": "calibrate", **data}))
+    return path
+
+
+def posterior(run: Path) -> tuple[float, float, float]:
+    """(mean, sd, truth) of F recomputed from the stored samples."""
+    ds = xr.open_zarr(run / sm.STORE, consolidated=False)
+    draws = ds["theta"].values[:, :, 0].mean(1)
+    return float(draws.mean()), float(draws.std(ddof=1)), float(ds["theta_truth"].values[:, 0].mean())
+
+
+def test_bound_is_the_conformal_rank_of_the_windows_scores(tmp_path, windows, capsys):
+    model, d = windows
+    runs = [d / f"s{s}" for s in STARTS[:9]]
+    cfg = write_cfg(tmp_path / "c.yaml", runs=[str(d / "s[0-9]"), str(d / "s1[0-6]")],
+                    evaluate=[str(d / "s18"), str(d / "s20")])
+    assert main(["calibrate", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / cal.CALIBRATION).read_text())
+    assert sorted(Path(r["path"]) for r in res["runs"]) == sorted(runs)
+    scores = []
+    for r in runs:
+        m, sd, truth = posterior(r)
+        scores.append(abs(truth - m) / sd)
+    # 9 windows at 90 %: the ⌈10·0.9⌉ = 9th smallest score, the largest
+    assert res["windows"] == 9 and res["bound"]["F"] == pytest.approx(max(scores), rel=1e-5)
+    assert res["gaussian_bound"] == pytest.approx(1.6449, abs=1e-4)
+    # leaving a window out leaves 8, too few for a finite bound: no leave-one-out figure
+    assert res["coverage"]["leave_one_out"]["F"] is None
+    ev = res["evaluate"]
+    held = [abs(t - m) / sd for m, sd, t in map(posterior, (d / "s18", d / "s20"))]
+    assert ev["calibrated"]["F"] == pytest.approx(np.mean([h <= max(scores) for h in held]))
+    for name in (cal.CALIBRATION, cal.SUMMARY, cal.FIGURE):
+        assert (tmp_path / "out" / name).is_file()
+    assert "calibrated on 9 windows" in capsys.readouterr().out
+
+    # smooth with it: mean ± bound·sd on a window the bound never saw
+    out = tmp_path / "smoothed"
+    assert main(["smooth", str(_smooth_yaml(tmp_path, model, 18)), "--out", str(out),
+                 "--calibration", str(tmp_path / "out")]) == 0
+    f = json.loads((out / sm.METRICS).read_text())
+    th, q = f["theta"]["F"], res["bound"]["F"]
+    assert th["cal_lo"] == pytest.approx(th["mean"] - q * th["std"])
+    assert th["cal_hi"] == pytest.approx(th["mean"] + q * th["std"])
+    assert th["cal_covered"] == (th["cal_lo"] <= th["truth"] <= th["cal_hi"])
+    assert f["calibration"]["windows"] == 9
+    assert "calibrated 90% [" in (out / sm.SUMMARY).read_text()
+
+
+def test_leave_one_out_and_a_shared_bound(tmp_path, windows):
+    """With 11 windows each left-out window has 10 others (finite); ``pool: all`` gives every
+    parameter the same bound (one parameter here: the same as per parameter)."""
+    _, d = windows
+    for pool in ("param", "all"):
+        cfg = validate({"stage": "calibrate", "runs": [str(d / "s*")], "pool": pool},
+                       CalibrateConfig)
+        res = cal.calibrate(cfg, tmp_path / pool)
+        s = np.array([r["scores"]["F"] for r in res["runs"]])
+        assert len(s) == 11
+        # 10 others: the ⌈11·0.9⌉ = 10th smallest of them, their largest
+        loo = np.mean([s[i] <= np.delete(s, i).max() for i in range(11)])
+        assert res["coverage"]["leave_one_out"]["F"] == pytest.approx(loo)
+        # all 11: the ⌈12·0.9⌉ = 11th smallest, the largest
+        assert res["bound"]["F"] == pytest.approx(s.max())
+
+
+def _smooth_yaml(tmp_path: Path, model: Path, start: int, **over) -> Path:
+    cfg = smooth_cfg(model, start, **over)
+    p = tmp_path / f"smooth_{start}.yaml"
+    p.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    return p
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("too_few", "8 windows per parameter are too few for a 90% bound (at least 9"),
+    ("nothing", "matches nothing"),
+    ("missing", "no such smooth output"),
+    ("twice", "smooths the same window as"),
+    ("overlap", "smooths a calibration window"),
+    ("not_smooth", "not a finished `scoreda smooth` output"),
+])
+def test_bad_calibration_input_is_one_line_and_writes_nothing(tmp_path, windows, capsys, case,
+                                                              needle):
+    _, d = windows
+    nine = [str(d / f"s{s}") for s in STARTS[:9]]
+    shutil.copytree(d / "s0", tmp_path / "copy_of_s0")
+    data = {
+        "too_few": {"runs": nine[:8]},
+        "nothing": {"runs": [str(d / "nope*")]},
+        "missing": {"runs": nine + [str(d / "nope")]},
+        "twice": {"runs": nine + [str(tmp_path / "copy_of_s0")]},
+        "overlap": {"runs": nine, "evaluate": [nine[0]]},
+        "not_smooth": {"runs": nine + [str(tmp_path)]},
+    }[case]
+    out = tmp_path / "out"
+    assert main(["calibrate", str(write_cfg(tmp_path / "c.yaml", **data)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_another_set_up_is_refused_by_name(tmp_path, windows, capsys):
+    """A window smoothed with another σ cannot join the calibration, nor can a smoothing with
+    another σ (or on a calibration window) use it."""
+    model, d = windows
+    other = tmp_path / "sigma1"
+    assert sm.smooth(smooth_cfg(model, 20, observation={
+        "kind": "every_kth", "options": {"k": 2}, "sigma": 1.0}), other) is not None
+    nine = [str(d / f"s{s}") for s in STARTS[:9]]
+    assert main(["calibrate", str(write_cfg(tmp_path / "c.yaml", runs=nine + [str(other)])),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "observation.sigma = 1.0 against 0.5" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+    cfg = validate({"stage": "calibrate", "runs": nine}, CalibrateConfig)
+    cal.calibrate(cfg, tmp_path / "cal")
+    for start, over, needle in ((20, {"observation": {"kind": "every_kth", "options": {"k": 2},
+                                                      "sigma": 1.0}}, "observation.sigma"),
+                                (4, {}, "one of its calibration windows"),
+                                (20, {"sda": {"steps": 8}}, "sda.steps")):
+        scfg = smooth_cfg(model, start, calibration=str(tmp_path / "cal"), **over)
+        with pytest.raises(ConfigError, match=needle):
+            sm.smooth(scfg, tmp_path / "never")
+        assert not (tmp_path / "never").exists()
+    with pytest.raises(ConfigError, match="no calibration.json"):
+        sm.smooth(smooth_cfg(model, 20, calibration=str(tmp_path)), tmp_path / "never")
+
+    # an existing output is kept
+    (tmp_path / "keep").mkdir()
+    assert main(["calibrate", str(write_cfg(tmp_path / "c2.yaml", runs=nine)), "--out",
+                 str(tmp_path / "keep")]) == 2
+    assert "exists" in capsys.readouterr().err and not any((tmp_path / "keep").iterdir())
