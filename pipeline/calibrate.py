@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.metrics import conformal_min_cases, conformal_quantile
+from kernels.metrics import conformal_min_cases, conformal_quantile, param_summary
 from pipeline.config import (
     CalibrateConfig,
     ConfigError,
@@ -47,7 +47,7 @@ from pipeline.config import (
 from pipeline.storage import OutputError, atomic_write, write_text_atomic
 
 CALIBRATION, SUMMARY, FIGURE = "calibration.json", "summary.md", "scores.png"
-_SMOOTH_CONFIG, _SMOOTH_METRICS = "config.yaml", "metrics.json"
+_SMOOTH_CONFIG, _SMOOTH_METRICS, _SMOOTH_STORE = "config.yaml", "metrics.json", "smooth.zarr"
 
 
 def setup_of(cfg: SmoothConfig) -> dict[str, Any]:
@@ -92,7 +92,7 @@ class Window:
     mean: np.ndarray                 # (P,)
     std: np.ndarray                  # (P,)
     truth: np.ndarray                # (P,)
-    covered: np.ndarray              # (P,) the posterior's own 90 % interval
+    covered: np.ndarray              # (P,) by the posterior's own 90 % interval
     samples: int
     setup: dict[str, Any]
     key: list[Any]
@@ -104,9 +104,10 @@ class Window:
 
 
 def read_window(path: Path) -> Window:
-    """A ``scoreda smooth`` output as a calibration case; one-line errors naming the run."""
-    cfg_file, met_file = path / _SMOOTH_CONFIG, path / _SMOOTH_METRICS
-    if not path.is_dir() or not met_file.is_file() or not cfg_file.is_file():
+    """A ``scoreda smooth`` output as a calibration case, its θ posterior recomputed from the
+    stored samples (so outputs of any version agree); one-line errors naming the run."""
+    cfg_file, zarr = path / _SMOOTH_CONFIG, path / _SMOOTH_STORE
+    if not path.is_dir() or not (path / _SMOOTH_METRICS).is_file() or not cfg_file.is_file():
         raise ConfigError(f"{path}: not a finished `scoreda smooth` output "
                           f"(needs {_SMOOTH_CONFIG} and {_SMOOTH_METRICS})")
     data = load_yaml(cfg_file)
@@ -115,31 +116,31 @@ def read_window(path: Path) -> Window:
                           f"(got {data.get('stage')!r})")
     cfg = validate(data, SmoothConfig, str(cfg_file))
     assert isinstance(cfg, SmoothConfig)
-    try:
-        met = json.loads(met_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{met_file}: not JSON ({exc.msg}, line {exc.lineno})") from None
     if cfg.condition != "observations":
         raise ConfigError(f"{path}: condition {cfg.condition}: calibration needs smoothings "
                           "from observations")
-    if not met.get("truth") or cfg.observations is not None:
+    if cfg.observations is not None:
         raise ConfigError(f"{path}: observations from a file have no truth to calibrate with")
-    theta = met.get("theta")
-    if not theta:
-        raise ConfigError(f"{met_file}: theta: the model has no parameters to calibrate")
-    names = tuple(theta)
+    import xarray as xr
+
     try:
-        mean, std, truth = (np.array([float(theta[n][k]) for n in names])
-                            for k in ("mean", "std", "truth"))
-        covered = np.array([bool(theta[n]["covered"]) for n in names])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{met_file}: theta: incomplete ({exc})") from None
-    bad = [n for n, s in zip(names, std, strict=True) if not (math.isfinite(s) and s > 0)]
-    if bad or not (np.isfinite(mean).all() and np.isfinite(truth).all()):
-        raise ConfigError(f"{met_file}: theta: {', '.join(bad) or 'mean'} has no finite spread "
-                          f"(from {met.get('samples')} samples; at least 2 are needed)")
-    return Window(path, names, mean, std, truth, covered, int(met["samples"]),
-                  setup_of(cfg), window_key(cfg))
+        ds = xr.open_zarr(zarr, consolidated=False)
+        theta = torch.from_numpy(ds["theta"].values.astype(np.float64))     # (S, L, P)
+        truth = torch.from_numpy(ds["theta_truth"].values.astype(np.float64)).mean(0)
+        names = tuple(str(n) for n in ds["param"].values)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"{zarr}: no θ samples and truth ({type(exc).__name__}: {exc})") from None
+    if not names:
+        raise ConfigError(f"{zarr}: the model has no parameters to calibrate")
+    draws = theta.mean(1)               # one draw per sample: θ is static over the window
+    summ = param_summary(draws, truth, 0.9)
+    std = summ["std"].numpy()
+    bad = [n for n, v in zip(names, std, strict=True) if not (math.isfinite(v) and v > 0)]
+    if bad or not bool(torch.isfinite(draws).all()):
+        raise ConfigError(f"{zarr}: θ {', '.join(bad) or 'samples'}: no finite spread "
+                          f"(from {draws.shape[0]} samples; at least 2 are needed)")
+    return Window(path, names, summ["mean"].numpy(), std, truth.numpy(),
+                  summ["covered"].numpy(), int(draws.shape[0]), setup_of(cfg), window_key(cfg))
 
 
 def expand_runs(patterns: list[str], field: str) -> list[Path]:
