@@ -183,29 +183,31 @@ def calibrate(cfg: CalibrateConfig, out: str | Path, overwrite: bool = False,
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: exists (use --overwrite)")
-    cal = [read_window(p) for p in expand_runs(cfg.runs, "runs")]
-    ev = [read_window(p) for p in expand_runs(cfg.evaluate, "evaluate")]
+    runs, evaluate = f"{source}: runs", f"{source}: evaluate"
+    cal = [read_window(p) for p in expand_runs(cfg.runs, runs)]
+    ev = [read_window(p) for p in expand_runs(cfg.evaluate, evaluate)]
     ref = cal[0]
-    _check_alike(cal, "runs", ref)
-    _check_alike(ev, "evaluate", ref)
+    _check_alike(cal, runs, ref)
+    _check_alike(ev, evaluate, ref)
     seen: dict[str, Path] = {}
     for w in cal:
         k = json.dumps(w.key)
         if k in seen:
-            raise ConfigError(f"runs: {w.path} smooths the same window as {seen[k]} "
+            raise ConfigError(f"{runs}: {w.path} smooths the same window as {seen[k]} "
                               "(a case counted twice is not exchangeable)")
         seen[k] = w.path
     for w in ev:
-        if json.dumps(w.key) in seen:
-            raise ConfigError(f"evaluate: {w.path} smooths a calibration window "
-                              f"({seen[json.dumps(w.key)]}): its coverage would not be a test")
+        k = json.dumps(w.key)
+        if k in seen:
+            raise ConfigError(f"{evaluate}: {w.path} smooths a calibration window ({seen[k]}): "
+                              "its coverage would not be a test")
     n, params = len(cal), ref.params
     need = conformal_min_cases(cfg.level)
     cases = n * len(params) if cfg.pool == "all" else n
     if cases < need:
         per = "cases" if cfg.pool == "all" else "windows per parameter"
-        raise ConfigError(f"{source}: runs: {cases} {per} are too few for a {cfg.level:.0%} "
-                          f"bound (at least {need}; or pool: all)")
+        raise ConfigError(f"{runs}: {cases} {per} are too few for a {cfg.level:.0%} bound "
+                          f"(at least {need}; or pool: all)")
     scores = np.stack([w.scores for w in cal])                       # (n, P)
     bound = _bounds(scores, cfg.level, cfg.pool)
     # leave one window out: the coverage a new window gets, from the calibration set itself
