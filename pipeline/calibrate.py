@@ -59,8 +59,19 @@ def setup_of(cfg: SmoothConfig) -> dict[str, Any]:
 
 
 def window_key(cfg: SmoothConfig) -> list[Any]:
-    """The truth window of a smoothing: (store, test trajectory, first frame)."""
-    return [cfg.store or "", cfg.trajectory, cfg.start]
+    """The truth window of a smoothing: [store (absolute; null means the model's training
+    store), test trajectory, first frame]."""
+    store = cfg.store
+    if store is None:
+        train_cfg = Path(cfg.model_run) / "config.yaml"
+        store = load_yaml(train_cfg).get("store", "") if train_cfg.is_file() else ""
+    return [str(Path(store).absolute()) if store else "", cfg.trajectory, cfg.start]
+
+
+def windows_overlap(a: list[Any], b: list[Any], length: int) -> bool:
+    """Whether two :func:`window_key` windows of ``length`` frames share a frame: such windows
+    see the same truth and noise, so one is no independent case (or test) for the other."""
+    return a[:2] == b[:2] and abs(int(a[2]) - int(b[2])) < length
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -189,18 +200,18 @@ def calibrate(cfg: CalibrateConfig, out: str | Path, overwrite: bool = False,
     ref = cal[0]
     _check_alike(cal, runs, ref)
     _check_alike(ev, evaluate, ref)
-    seen: dict[str, Path] = {}
-    for w in cal:
-        k = json.dumps(w.key)
-        if k in seen:
-            raise ConfigError(f"{runs}: {w.path} smooths the same window as {seen[k]} "
-                              "(a case counted twice is not exchangeable)")
-        seen[k] = w.path
+    length = int(ref.setup["length"])
+    for i, w in enumerate(cal):
+        for v in cal[:i]:
+            if windows_overlap(w.key, v.key, length):
+                raise ConfigError(f"{runs}: {w.path} shares frames with {v.path} (test "
+                                  f"trajectory {w.key[1]}): overlapping windows are no "
+                                  "independent cases")
     for w in ev:
-        k = json.dumps(w.key)
-        if k in seen:
-            raise ConfigError(f"{evaluate}: {w.path} smooths a calibration window ({seen[k]}): "
-                              "its coverage would not be a test")
+        for v in cal:
+            if windows_overlap(w.key, v.key, length):
+                raise ConfigError(f"{evaluate}: {w.path} shares frames with the calibration "
+                                  f"window {v.path}: its coverage would not be a test")
     n, params = len(cal), ref.params
     need = conformal_min_cases(cfg.level)
     cases = n * len(params) if cfg.pool == "all" else n
@@ -332,9 +343,10 @@ def check_calibration(res: dict[str, Any], cfg: SmoothConfig, params: list[str])
         raise ConfigError(f"calibration: parameters {res['params']}, the model has {list(params)}")
     key = window_key(cfg)
     for r in res["runs"]:
-        if r["window"] == key:
-            raise ConfigError(f"calibration: this window (test trajectory {cfg.trajectory}, frame "
-                              f"{cfg.start}) is one of its calibration windows ({r['path']})")
+        if windows_overlap(key, r["window"], cfg.length):
+            raise ConfigError(f"calibration: this window (test trajectory {cfg.trajectory}, frames "
+                              f"{cfg.start}..{cfg.start + cfg.length}) shares frames with its "
+                              f"calibration window {r['path']}")
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

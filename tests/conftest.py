@@ -81,14 +81,14 @@ def _generate_store(path, **keys):
 
 @pytest.fixture(scope="session")
 def make_l96_store():
-    """``make(path, size, trajectories, frames)``: a small Lorenz-96 store with F drawn per
-    trajectory (the parameter a window network must learn), written by one in-process Dask
-    worker (a few seconds)."""
+    """``make(path, size, trajectories, frames, test=0.125)``: a small Lorenz-96 store with F
+    drawn per trajectory (the parameter a window network must learn), ``test`` of the
+    trajectories held out, written by one in-process Dask worker (a few seconds)."""
 
-    def make(path, size: int, trajectories: int, frames: int):
+    def make(path, size: int, trajectories: int, frames: int, test: float = 0.125):
         return _generate_store(
             path, model={"name": "lorenz96", "size": size, "dt": 0.05}, trajectories=trajectories,
-            frames=frames, save_every=2, spinup=200,
+            frames=frames, save_every=2, spinup=200, split={"valid": 0.125, "test": test},
             store={"trajectories_per_shard": 8, "shard_frames": frames, "chunk_frames": 16})
 
     return make

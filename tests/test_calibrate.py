@@ -18,11 +18,11 @@ from pipeline.cli import main
 from pipeline.config import CalibrateConfig, ConfigError, SmoothConfig, validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-STARTS = list(range(0, 21, 2))   # 11 windows of 12 frames in the 32-frame test trajectory
+TRAJ = list(range(11))   # 11 calibration windows: frames 0..11 of 11 test trajectories
 
 
-def smooth_cfg(run: Path, start: int, **over) -> SmoothConfig:
-    data = {"stage": "smooth", "model_run": str(run), "trajectory": 0, "start": start,
+def smooth_cfg(run: Path, trajectory: int, start: int = 0, **over) -> SmoothConfig:
+    data = {"stage": "smooth", "model_run": str(run), "trajectory": trajectory, "start": start,
             "length": 12, "observation": {"kind": "every_kth", "options": {"k": 2}, "sigma": 0.5},
             "samples": 5, "sda": {"steps": 16}, "seed": 3}
     data.update(over)
@@ -32,13 +32,16 @@ def smooth_cfg(run: Path, start: int, **over) -> SmoothConfig:
 
 
 @pytest.fixture(scope="module")
-def windows(tmp_path_factory, train_l96_window_model) -> tuple[Path, Path]:
-    """A small model and smoothings of 11 windows of its test trajectory: ``(model, dir)`` with
-    ``dir/s{start}`` each."""
+def windows(tmp_path_factory, make_l96_store, train_l96_window_model) -> tuple[Path, Path]:
+    """A small model and smoothings of the first 12 frames of 11 of its 16 test trajectories:
+    ``(model, dir)`` with ``dir/t{trajectory}`` each, and ``dir/overlap_t0_s6`` (frames 6..17 of
+    trajectory 0, sharing frames with ``t0``)."""
     d = tmp_path_factory.mktemp("calibrate")
+    make_l96_store(d / "l96.zarr", 20, 32, 32, test=0.5)
     model = train_l96_window_model(d, 150)
-    for s in STARTS:
-        assert sm.smooth(smooth_cfg(model, s), d / f"s{s}") is not None
+    for t in TRAJ:
+        assert sm.smooth(smooth_cfg(model, t), d / f"t{t}") is not None
+    assert sm.smooth(smooth_cfg(model, 0, 6), d / "overlap_t0_s6") is not None
     return model, d
 
 
@@ -56,9 +59,9 @@ def posterior(run: Path) -> tuple[float, float, float]:
 
 def test_bound_is_the_conformal_rank_of_the_windows_scores(tmp_path, windows, capsys):
     model, d = windows
-    runs = [d / f"s{s}" for s in STARTS[:9]]
-    cfg = write_cfg(tmp_path / "c.yaml", runs=[str(d / "s[0-9]"), str(d / "s1[0-6]")],
-                    evaluate=[str(d / "s18"), str(d / "s20")])
+    runs = [d / f"t{t}" for t in TRAJ[:9]]
+    cfg = write_cfg(tmp_path / "c.yaml", runs=[str(d / "t[0-4]"), str(d / "t[5-8]")],
+                    evaluate=[str(d / "t9"), str(d / "t10")])
     assert main(["calibrate", str(cfg), "--out", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / cal.CALIBRATION).read_text())
     assert sorted(Path(r["path"]) for r in res["runs"]) == sorted(runs)
@@ -72,7 +75,7 @@ def test_bound_is_the_conformal_rank_of_the_windows_scores(tmp_path, windows, ca
     # leaving a window out leaves 8, too few for a finite bound: no leave-one-out figure
     assert res["coverage"]["leave_one_out"]["F"] is None
     ev = res["evaluate"]
-    held = [abs(t - m) / sd for m, sd, t in map(posterior, (d / "s18", d / "s20"))]
+    held = [abs(t - m) / sd for m, sd, t in map(posterior, (d / "t9", d / "t10"))]
     assert ev["calibrated"]["F"] == pytest.approx(np.mean([h <= max(scores) for h in held]))
     for name in (cal.CALIBRATION, cal.SUMMARY, cal.FIGURE):
         assert (tmp_path / "out" / name).is_file()
@@ -80,7 +83,7 @@ def test_bound_is_the_conformal_rank_of_the_windows_scores(tmp_path, windows, ca
 
     # smooth with it: mean ± bound·sd on a window the bound never saw
     out = tmp_path / "smoothed"
-    assert main(["smooth", str(_smooth_yaml(tmp_path, model, 18)), "--out", str(out),
+    assert main(["smooth", str(_smooth_yaml(tmp_path, model, 9)), "--out", str(out),
                  "--calibration", str(tmp_path / "out")]) == 0
     f = json.loads((out / sm.METRICS).read_text())
     th, q = f["theta"]["F"], res["bound"]["F"]
@@ -96,7 +99,7 @@ def test_leave_one_out_and_a_shared_bound(tmp_path, windows):
     parameter the same bound (one parameter here: the same as per parameter)."""
     _, d = windows
     for pool in ("param", "all"):
-        cfg = validate({"stage": "calibrate", "runs": [str(d / "s*")], "pool": pool},
+        cfg = validate({"stage": "calibrate", "runs": [str(d / "t*")], "pool": pool},
                        CalibrateConfig)
         res = cal.calibrate(cfg, tmp_path / pool)
         s = np.array([r["scores"]["F"] for r in res["runs"]])
@@ -108,9 +111,9 @@ def test_leave_one_out_and_a_shared_bound(tmp_path, windows):
         assert res["bound"]["F"] == pytest.approx(s.max())
 
 
-def _smooth_yaml(tmp_path: Path, model: Path, start: int, **over) -> Path:
-    cfg = smooth_cfg(model, start, **over)
-    p = tmp_path / f"smooth_{start}.yaml"
+def _smooth_yaml(tmp_path: Path, model: Path, trajectory: int, **over) -> Path:
+    cfg = smooth_cfg(model, trajectory, **over)
+    p = tmp_path / f"smooth_{trajectory}.yaml"
     p.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     return p
 
@@ -119,21 +122,23 @@ def _smooth_yaml(tmp_path: Path, model: Path, start: int, **over) -> Path:
     ("too_few", "8 windows per parameter are too few for a 90% bound (at least 9"),
     ("nothing", "matches nothing"),
     ("missing", "no such smooth output"),
-    ("twice", "smooths the same window as"),
-    ("overlap", "smooths a calibration window"),
+    ("twice", "copy_of_t0 shares frames with"),
+    ("overlapping", "overlap_t0_s6 shares frames with"),
+    ("evaluated", "shares frames with the calibration window"),
     ("not_smooth", "not a finished `scoreda smooth` output"),
 ])
 def test_bad_calibration_input_is_one_line_and_writes_nothing(tmp_path, windows, capsys, case,
                                                               needle):
     _, d = windows
-    nine = [str(d / f"s{s}") for s in STARTS[:9]]
-    shutil.copytree(d / "s0", tmp_path / "copy_of_s0")
+    nine = [str(d / f"t{t}") for t in TRAJ[:9]]
+    shutil.copytree(d / "t0", tmp_path / "copy_of_t0")
     data = {
         "too_few": {"runs": nine[:8]},
         "nothing": {"runs": [str(d / "nope*")]},
         "missing": {"runs": nine + [str(d / "nope")]},
-        "twice": {"runs": nine + [str(tmp_path / "copy_of_s0")]},
-        "overlap": {"runs": nine, "evaluate": [nine[0]]},
+        "twice": {"runs": nine + [str(tmp_path / "copy_of_t0")]},
+        "overlapping": {"runs": nine + [str(d / "overlap_t0_s6")]},
+        "evaluated": {"runs": nine, "evaluate": [str(d / "overlap_t0_s6")]},
         "not_smooth": {"runs": nine + [str(tmp_path)]},
     }[case]
     out = tmp_path / "out"
@@ -145,12 +150,12 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(tmp_path, windows,
 
 def test_another_set_up_is_refused_by_name(tmp_path, windows, capsys):
     """A window smoothed with another σ cannot join the calibration, nor can a smoothing with
-    another σ (or on a calibration window) use it."""
+    another σ (or on frames of a calibration window) use it."""
     model, d = windows
     other = tmp_path / "sigma1"
-    assert sm.smooth(smooth_cfg(model, 20, observation={
+    assert sm.smooth(smooth_cfg(model, 11, observation={
         "kind": "every_kth", "options": {"k": 2}, "sigma": 1.0}), other) is not None
-    nine = [str(d / f"s{s}") for s in STARTS[:9]]
+    nine = [str(d / f"t{t}") for t in TRAJ[:9]]
     assert main(["calibrate", str(write_cfg(tmp_path / "c.yaml", runs=nine + [str(other)])),
                  "--out", str(tmp_path / "bad")]) == 2
     assert "observation.sigma = 1.0 against 0.5" in capsys.readouterr().err
@@ -158,16 +163,17 @@ def test_another_set_up_is_refused_by_name(tmp_path, windows, capsys):
 
     cfg = validate({"stage": "calibrate", "runs": nine}, CalibrateConfig)
     cal.calibrate(cfg, tmp_path / "cal")
-    for start, over, needle in ((20, {"observation": {"kind": "every_kth", "options": {"k": 2},
-                                                      "sigma": 1.0}}, "observation.sigma"),
-                                (4, {}, "one of its calibration windows"),
-                                (20, {"sda": {"steps": 8}}, "sda.steps")):
-        scfg = smooth_cfg(model, start, calibration=str(tmp_path / "cal"), **over)
+    for (traj, start), over, needle in (
+            ((11, 0), {"observation": {"kind": "every_kth", "options": {"k": 2}, "sigma": 1.0}},
+             "observation.sigma"),
+            ((3, 11), {}, "frames 11..23\\) shares frames with its calibration window"),
+            ((11, 0), {"sda": {"steps": 8}}, "sda.steps")):
+        scfg = smooth_cfg(model, traj, start, calibration=str(tmp_path / "cal"), **over)
         with pytest.raises(ConfigError, match=needle):
             sm.smooth(scfg, tmp_path / "never")
         assert not (tmp_path / "never").exists()
     with pytest.raises(ConfigError, match="no calibration.json"):
-        sm.smooth(smooth_cfg(model, 20, calibration=str(tmp_path)), tmp_path / "never")
+        sm.smooth(smooth_cfg(model, 11, calibration=str(tmp_path)), tmp_path / "never")
 
     # an existing output is kept
     (tmp_path / "keep").mkdir()
