@@ -14,15 +14,19 @@ from pathlib import Path
 import torch
 
 from pipeline.assimilate import assimilate, summary_lines
+from pipeline.calibrate import calibrate
+from pipeline.calibrate import summary_lines as calibrate_summary
 from pipeline.campaign import report as campaign_report
 from pipeline.config import (
     AssimilateConfig,
+    CalibrateConfig,
     GenerateConfig,
     SimulateConfig,
     SmoothConfig,
     SurrogateConfig,
     load_config,
     resolve_config_path,
+    validate,
 )
 from pipeline.generate import generate
 from pipeline.report import plot_hovmoller, plot_vorticity
@@ -166,8 +170,23 @@ def run_demo(out: Path) -> None:
     scfg = load_config(resolve_config_path("smooth_demo"), "smooth")
     assert isinstance(scfg, SmoothConfig)
     scfg = scfg.model_copy(update={"model_run": str(run_dir.absolute())})
+    cal_dir = out / "calibrate_l96"
+    trajs = range(1, 10)   # 9 windows: the fewest that bound 90 %, one per trajectory (independent)
+    _say(f"calibrate: the same smoothing of {len(trajs)} more held-out windows with a known truth "
+         f"(test trajectories 1-9), then split-conformal F intervals from them")
+    t1 = time.perf_counter()
+    for t in trajs:
+        smooth(scfg.model_copy(update={"trajectory": t}), cal_dir / f"t{t}", overwrite=True)
+    ccfg = validate({"stage": "calibrate", "runs": [str(cal_dir / "t?")]}, CalibrateConfig)
+    assert isinstance(ccfg, CalibrateConfig)
+    calib = calibrate(ccfg, cal_dir / "bound", overwrite=True)
+    for line in calibrate_summary(calib):
+        _say(line)
+    _say(f"wrote {cal_dir / 'bound'} (calibration.json, summary.md, scores.png) in "
+         f"{time.perf_counter() - t1:.0f} s")
+    scfg = scfg.model_copy(update={"calibration": str((cal_dir / "bound").absolute())})
     _say(f"smooth: SDA posterior of {scfg.samples} samples of a held-out {scfg.length}-frame "
-         "window and F with that model (smooth_demo)")
+         "window and F with that model (smooth_demo), with the calibrated interval")
     met = smooth(scfg, out / "smooth_l96", overwrite=True)
     assert met is not None
     for line in smooth_summary(met):
