@@ -45,6 +45,7 @@ from pipeline.config import (
     validate,
 )
 from pipeline.storage import OutputError, atomic_write, write_text_atomic
+from pipeline.train import CONFIG as TRAIN_CONFIG
 
 CALIBRATION, SUMMARY, FIGURE = "calibration.json", "summary.md", "scores.png"
 _SMOOTH_CONFIG, _SMOOTH_METRICS, _SMOOTH_STORE = "config.yaml", "metrics.json", "smooth.zarr"
@@ -63,7 +64,7 @@ def window_key(cfg: SmoothConfig) -> list[Any]:
     store), test trajectory, first frame]."""
     store = cfg.store
     if store is None:
-        train_cfg = Path(cfg.model_run) / "config.yaml"
+        train_cfg = Path(cfg.model_run) / TRAIN_CONFIG
         store = load_yaml(train_cfg).get("store", "") if train_cfg.is_file() else ""
     return [str(Path(store).absolute()) if store else "", cfg.trajectory, cfg.start]
 

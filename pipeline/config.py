@@ -708,6 +708,11 @@ class SmoothConfig(Strict):
 
     @model_validator(mode="after")
     def _condition(self) -> SmoothConfig:
+        if self.observation.every > self.length:
+            # frames 0, every, 2·every, … of the window: past its end only frame 0 is left
+            raise _field_error(("observation", "every"), f"{self.observation.every} is longer than "
+                               f"the window (length {self.length}): only its first frame would be "
+                               "observed")
         if self.condition == "truth_states" and self.observations is not None:
             raise _field_error(("condition",), "truth_states needs the truth: drop observations")
         if self.condition == "truth_states" and self.calibration is not None:

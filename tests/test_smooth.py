@@ -168,6 +168,7 @@ def test_train_and_smooth_on_the_device_match_the_cpu(tmp_path, train_l96_window
     ({"observation": {"kind": "every_kth", "options": {"q": 1}}}, "observation"),
     ({"model_run": "/nonexistent/run"}, "model.pt"),
     ({"sda": {"tau": 0}}, "tau"),
+    ({"length": 8, "observation": {"every": 9}}, "observation.every"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, model_run, capsys, change, needle):
     data = make_cfg(model_run).model_dump(mode="json")
