@@ -838,6 +838,20 @@ class ResumableJobSpec(JobSpec):
     max_requeues: NonNegInt = 20            # give up (fail) after this many requeues
 
 
+class SmoothJobSpec(JobSpec):
+    """SDA smoothing of test windows: one array task per window, each on ``ntasks`` ranks (every
+    rank draws its slice of the samples). A rerun skips windows already written."""
+
+    trajectories: list[NonNegInt] = Field(default_factory=list)  # [] = the config's trajectory
+
+    @field_validator("trajectories")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("repeated test trajectories (one window each)")
+        return v
+
+
 class BenchJobSpec(JobSpec):
     """The scaling sweep: one array task per rank count, then a gather job."""
 
@@ -855,15 +869,20 @@ class SubmitConfig(Strict):
     generate: JobSpec | None = None
     train: ResumableJobSpec | None = None
     campaign: ResumableJobSpec | None = None
+    smooth: SmoothJobSpec | None = None
+    calibrate: JobSpec | None = None
     bench: BenchJobSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SubmitConfig:
-        for name in ("generate", "train", "campaign"):
+        for name in ("generate", "train", "campaign", "smooth", "calibrate"):
             spec = getattr(self, name)
             if spec is not None and spec.config is None:
                 raise _field_error((name, "config"), "required for this stage")
-        for name in ("generate", "train", "campaign", "bench"):
+        if self.calibrate is not None and (self.calibrate.ntasks > 1 or self.calibrate.nodes > 1):
+            raise _field_error(("calibrate", "ntasks"), "calibrate runs as one process (one node, "
+                               "one task)")
+        for name in ("generate", "train", "campaign", "smooth", "calibrate", "bench"):
             spec = getattr(self, name)
             if spec is None:
                 continue

@@ -26,7 +26,6 @@ from pipeline.config import (
     SurrogateConfig,
     load_config,
     resolve_config_path,
-    validate,
 )
 from pipeline.generate import generate
 from pipeline.report import plot_hovmoller, plot_vorticity
@@ -62,7 +61,8 @@ def _train_on_two_processes(store: Path, run_dir: Path) -> None:
 
 
 def _slurm_chain(out: Path) -> None:
-    """``scoreda submit submit_local``: generate → train → campaign as chained jobs on a local
+    """``scoreda submit submit_local``: generate → train → campaign → smooth (an array of nine
+    held-out windows) → calibrate as chained jobs on a local
     single-node SLURM started (and stopped) just for this, by PID, in ``out/slurm``."""
     import os
     import shutil
@@ -83,19 +83,21 @@ def _slurm_chain(out: Path) -> None:
     os.environ["SLURM_CONF"] = env["SLURM_CONF"]
     try:
         shutil.rmtree(run, ignore_errors=True)
-        _say("slurm: submit generate → train → campaign as chained jobs (submit_local)")
+        _say("slurm: submit generate → train → campaign → smooth (9 windows) → calibrate as "
+             "chained jobs (submit_local)")
         subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "submit_local",
                         "--run-dir", str(run)], env=env, check=True)
         ids = [j["job_id"] for j in json.loads((run / "jobs.json").read_text())["jobs"]]
         deadline = time.time() + 600
         while time.time() < deadline:
-            states = [r.get("JobState") for j in ids for r in job_info(j)]
-            if len(states) == len(ids) and all(s in TERMINAL for s in states):
+            rows = [job_info(j) for j in ids]  # an array job has one row per task
+            if all(r and all(t.get("JobState") in TERMINAL for t in r) for r in rows):
                 break
             time.sleep(2)
         for line in status_lines(run):
             _say(f"slurm: {line}")
-        _say(f"wrote {run} (jobs/*.sbatch, logs/, data.zarr, train/, campaign/)")
+        _say(f"wrote {run} (jobs/*.sbatch, logs/, data.zarr, train/, campaign/, smooth/, "
+             "calibrate/)")
     finally:
         if old is None:
             os.environ.pop("SLURM_CONF", None)
@@ -110,7 +112,8 @@ def run_demo(out: Path) -> None:
     restartable campaign with its report, train a Lorenz-96 score network of (state, F) with
     DDP on 2 processes and smooth a held-out window with it (SDA, θ included), train a
     Lorenz-96 surrogate whose roll-out EnSF corrects, retrained once on its analyses, then submit
-    generate → train → campaign as chained jobs to a local SLURM; all into ``out``."""
+    generate → train → campaign → smooth → calibrate as chained jobs to a local SLURM; all
+    into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -177,8 +180,9 @@ def run_demo(out: Path) -> None:
     t1 = time.perf_counter()
     for t in trajs:
         smooth(scfg.model_copy(update={"trajectory": t}), cal_dir / f"t{t}", overwrite=True)
-    ccfg = validate({"stage": "calibrate", "runs": [str(cal_dir / "t?")]}, CalibrateConfig)
+    ccfg = load_config(resolve_config_path("calibrate_demo"), "calibrate")
     assert isinstance(ccfg, CalibrateConfig)
+    ccfg = ccfg.model_copy(update={"runs": [str((cal_dir / "t?").absolute())]})
     calib = calibrate(ccfg, cal_dir / "bound", overwrite=True)
     for line in calibrate_summary(calib):
         _say(line)

@@ -55,7 +55,7 @@ from pipeline.config import (
 from pipeline.storage import OutputError, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ("generate", "train", "campaign", "bench")
+ORDER = ("generate", "train", "campaign", "smooth", "calibrate", "bench")
 SUBMIT, JOBS, STORE = "submit.yaml", "jobs.json", "data.zarr"
 EXIT_REQUEUE = 3  # a stage stopped after a commit/checkpoint and is not finished
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -180,7 +180,8 @@ def render(sub: SubmitConfig, stage: str, run_dir: Path, template: str | None = 
         "log": str(run_dir / "logs" / f"{stage}-%j.out"),
         "array_log": str(run_dir / "logs" / f"{stage}-%A_%a.out"),
         "signal_lead": getattr(spec, "signal_lead", 0),
-        "array": f"0-{len(spec.ranks) - 1}" if stage == "bench" else "",
+        "array": (f"0-{len(spec.ranks) - 1}" if stage == "bench"
+                  else f"0-{max(len(spec.trajectories), 1) - 1}" if stage == "smooth" else ""),
         "max_ntasks": max(spec.ranks) if stage == "bench" else spec.ntasks,
         "site_headers": _headers(sub, spec), "setup": _setup(sub),
         "scoreda": _scoreda(sub), "run_dir": shlex.quote(str(run_dir)), "stage": stage,
@@ -217,6 +218,11 @@ def _stage_configs(sub: SubmitConfig, run_dir: Path, stages: list[str]) -> dict[
             # SDA as the campaign's filter samples with the model this chain trains
             data["filter"] = {**data["filter"], "sda": {**(data["filter"].get("sda") or {}),
                                                         "model": str(run_dir / "train")}}
+        elif stage == "smooth" and "train" in stages:
+            data["model_run"] = str(run_dir / "train")  # the model this chain trains
+        elif stage == "calibrate" and "smooth" in stages:
+            # the chain's smoothed windows are the calibration cases
+            data["runs"] = [str(p) for p in smooth_outputs(sub, run_dir, out["smooth"])]
         cfg = validate(data, _schema(stage), f"{stage}.config ({path})")
         if stage == "train" and "generate" not in stages:
             store = Path(cfg.store)  # type: ignore[attr-defined]
@@ -225,6 +231,16 @@ def _stage_configs(sub: SubmitConfig, run_dir: Path, stages: list[str]) -> dict[
                                   f"stage makes it")
         if stage == "train":
             _check_train_gpus(spec, cfg.device, path)  # type: ignore[attr-defined]
+        if stage == "smooth":
+            _check_smooth(spec, cfg, path, "train" in stages)  # type: ignore[arg-type]
+        if stage == "calibrate" and "smooth" in stages and cfg.pool == "param":  # type: ignore[attr-defined]
+            from kernels.metrics import conformal_min_cases
+
+            need = conformal_min_cases(cfg.level)  # type: ignore[attr-defined]
+            if len(data["runs"]) < need:
+                raise ConfigError(f"smooth.trajectories: {len(data['runs'])} windows are too few "
+                                  f"for calibrate's {cfg.level:.0%} bound per parameter (at least "  # type: ignore[attr-defined]
+                                  f"{need}; or pool: all in calibrate.config)")
         sda = getattr(getattr(cfg, "filter", None), "sda", None)
         if stage == "campaign" and sda is not None and "train" not in stages \
                 and not (Path(sda.model) / "model.pt").exists():
@@ -232,6 +248,28 @@ def _stage_configs(sub: SubmitConfig, run_dir: Path, stages: list[str]) -> dict[
                               f"no train stage makes it")
         out[stage] = cfg.model_dump(mode="json")
     return out
+
+
+def smooth_outputs(sub: SubmitConfig, run_dir: Path, smooth_cfg: dict[str, Any]) -> list[Path]:
+    """``RUN/smooth/tT`` for each window of the smooth stage: ``smooth.trajectories``, or the
+    config's own ``trajectory`` when none are listed."""
+    assert sub.smooth is not None
+    trajs = sub.smooth.trajectories or [int(smooth_cfg.get("trajectory", 0))]
+    return [run_dir / "smooth" / f"t{t}" for t in trajs]
+
+
+def _check_smooth(spec: JobSpec, cfg: Any, path: Path, trained_here: bool) -> None:
+    """The smoothing's model exists or this chain trains it; GPUs and device agree."""
+    if not trained_here and not (Path(cfg.model_run) / "model.pt").exists():
+        raise ConfigError(f"smooth.config: model_run {cfg.model_run} has no model.pt and no train "
+                          "stage makes it")
+    gpu = cfg.device.startswith("cuda")
+    if gpu and spec.gpus == 0:
+        raise ConfigError(f"smooth.gpus: 0, but smooth.config ({path}) samples on device "
+                          f"{cfg.device!r}: ask for the nodes' GPUs")
+    if spec.gpus and not gpu:
+        raise ConfigError(f"smooth.gpus: {spec.gpus} per node asked, but smooth.config ({path}) "
+                          f"samples on device {cfg.device!r} (set device: cuda)")
 
 
 def _check_train_gpus(spec: JobSpec, device: str, path: Path) -> None:
@@ -309,7 +347,7 @@ def submit(sub: SubmitConfig, run_dir: str | Path, stages: list[str], dry_run: b
     if (run_dir / JOBS).exists():
         raise OutputError(f"{run_dir}: already submitted ({JOBS}); see `scoreda status {run_dir}`")
     for stage, out in (("generate", STORE), ("train", "train"), ("campaign", "campaign"),
-                       ("bench", "bench")):
+                       ("smooth", "smooth"), ("calibrate", "calibrate"), ("bench", "bench")):
         if stage in stages and (run_dir / out).exists():
             raise OutputError(f"{run_dir / out}: exists; choose a new --run-dir")
     if run_dir.exists() and not run_dir.is_dir():
@@ -388,6 +426,17 @@ def _progress(stage: str, run_dir: Path) -> str:
                 return "not started"
             rec = read_progress(d)
             return f"{rec['cycles_done']}/{rec['cycles']} cycles"
+        if stage == "smooth":
+            from pipeline.smooth import METRICS
+
+            sub = validate(load_yaml(run_dir / SUBMIT), SubmitConfig, str(run_dir / SUBMIT))
+            outs = smooth_outputs(sub, run_dir, load_yaml(run_dir / "configs" / "smooth.yaml"))  # type: ignore[arg-type]
+            done = sum((o / METRICS).exists() for o in outs)
+            return f"{done}/{len(outs)} windows"
+        if stage == "calibrate":
+            from pipeline.calibrate import CALIBRATION
+
+            return "done" if (run_dir / "calibrate" / CALIBRATION).exists() else "not done"
         if stage == "bench":
             done = sorted((run_dir / "bench").glob("ranks-*.json"))
             table = (run_dir / "bench" / "scaling.md").exists()
@@ -491,6 +540,32 @@ def run_stage(argv: list[str], ntasks: int, sub: SubmitConfig) -> int:
             signal.signal(s, h)
 
 
+def _smooth_job(run_dir: Path, sub: SubmitConfig) -> int:
+    """This array task's window (``SLURM_ARRAY_TASK_ID``), or every window in turn outside
+    SLURM; a window whose output is complete is skipped (smooth writes it whole, by rename)."""
+    from pipeline.smooth import METRICS
+
+    assert sub.smooth is not None
+    conf = run_dir / "configs" / "smooth.yaml"
+    outs = smooth_outputs(sub, run_dir, load_yaml(conf))  # type: ignore[arg-type]
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task is not None:
+        if not 0 <= int(task) < len(outs):
+            print(f"scoreda job smooth: array index {task} outside smooth.trajectories",
+                  file=sys.stderr)
+            return 2
+        outs = [outs[int(task)]]
+    for out in outs:
+        if (out / METRICS).exists():
+            print(f"scoreda job: {out} is complete; skipped", flush=True)
+            continue
+        rc = run_stage(["smooth", str(conf), "--trajectory", out.name[1:], "--out", str(out),
+                        "--overwrite"], sub.smooth.ntasks, sub)
+        if rc != 0:
+            return rc
+    return 0
+
+
 def run_job(stage: str, run_dir: str | Path) -> int:
     """The body of a stage's batch script: run or resume; requeue when stopped unfinished."""
     run_dir = Path(run_dir).absolute()
@@ -508,6 +583,11 @@ def run_job(stage: str, run_dir: str | Path) -> int:
     spec = getattr(sub, stage, None)
     if spec is None:
         raise ConfigError(f"job: {run_dir / SUBMIT} has no {stage!r} stage")
+    if stage == "smooth":
+        return _smooth_job(run_dir, sub)
+    if stage == "calibrate":
+        return run_stage(["calibrate", str(run_dir / "configs" / "calibrate.yaml"), "--out",
+                          str(run_dir / "calibrate"), "--overwrite"], 1, sub)
     rc = run_stage(_stage_argv(stage, run_dir, sub), spec.ntasks, sub)
     if rc != EXIT_REQUEUE:
         return rc

@@ -49,6 +49,12 @@ CAMPAIGN = {
     "filter": {"method": "ensf", "ensf": {"estimator": "paired", "steps": 20, "coupling": "regression"}},
     "checkpoint_every": 2, "keep_checkpoints": 2,
 }
+SMOOTH = {  # model_run: the chain's train stage
+    "stage": "smooth", "model_run": "unused", "start": 4, "length": 12, "samples": 4,
+    "observation": {"kind": "every_kth", "options": {"k": 4}, "sigma": 0.5},
+    "sda": {"steps": 12}, "seed": 2,
+}
+CALIBRATE = {"stage": "calibrate", "runs": ["unused"], "level": 0.5}  # runs: the chain's windows
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -83,6 +89,9 @@ def test_slurm_time_formats():
     ({"campaign": {"signal_lead": 30}}, "campaign.config"),
     ({"generate": {"config": "generate_demo", "mem": "lots"}}, "generate.mem"),
     ({"bench": {"ranks": [1, 1]}}, "bench.ranks"),
+    ({"smooth": {"config": "smooth_demo", "trajectories": [0, 1, 0]}}, "smooth.trajectories"),
+    ({"smooth": {"trajectories": [0]}}, "smooth.config"),
+    ({"calibrate": {"config": "calibrate_fhn", "ntasks": 2}}, "calibrate.ntasks"),
 ])
 def test_submit_config_refused_with_the_field_named(data, key):
     with pytest.raises(ConfigError, match=f"x.yaml: {key}:"):
@@ -96,10 +105,12 @@ def test_templates_render_every_field(tmp_path):
                                                 "modules": ["m/1"], "setup": ["echo hi"]},
                     "generate": {"config": "g"}, "train": {"config": "t", "gpus": 4, "ntasks": 4},
                     "campaign": {"config": "c", "ntasks": 8, "signal_lead": 90},
+                    "smooth": {"config": "s", "ntasks": 2, "trajectories": [3, 5, 7]},
+                    "calibrate": {"config": "k"},
                     "bench": {"ranks": [1, 2, 4]}}, SubmitConfig, "x")
     assert isinstance(sub, SubmitConfig)
     run = tmp_path / "run"
-    for stage in ("generate", "train", "campaign", "bench"):
+    for stage in ("generate", "train", "campaign", "smooth", "calibrate", "bench"):
         text = render(sub, stage, run)
         assert "{" not in text and "}" not in text, text
         assert f"exec {sys.executable}" in text or "scoreda job" in text
@@ -111,6 +122,9 @@ def test_templates_render_every_field(tmp_path):
     assert "--gpus-per-node=4" in render(sub, "train", run)  # the GPU template
     assert "--array=0-2" in render(sub, "bench", run) and "--ntasks=4" in render(sub, "bench", run)
     assert "bench_gather" in render(sub, "bench", run, template="bench_gather")
+    smooth = render(sub, "smooth", run)  # one array task per window, each on ntasks ranks
+    assert "--array=0-2" in smooth and "--ntasks=2" in smooth and "_%a.out" in smooth
+    assert "--ntasks=1" in render(sub, "calibrate", run)
 
 
 def test_job_starts_then_resumes(tmp_path):
@@ -229,18 +243,21 @@ def test_dry_run_and_refusals(slurm, tmp_path):
 @pytest.mark.slurm
 def test_chain_equals_direct_stages(slurm, tmp_path):
     cfg = _submit_cfg(tmp_path, {"generate": (GENERATE, {}), "train": (TRAIN, {"ntasks": 2}),
-                                 "campaign": (CAMPAIGN, {"ntasks": 2, "signal_lead": 30})})
+                                 "campaign": (CAMPAIGN, {"ntasks": 2, "signal_lead": 30}),
+                                 "smooth": (SMOOTH, {"ntasks": 2, "trajectories": [0, 1]}),
+                                 "calibrate": (CALIBRATE, {})})
     run = tmp_path / "run"
     r = _cli(slurm, "submit", cfg, "--run-dir", run)
     assert r.returncode == 0, r.stderr
     jobs = _jobs(run)
-    assert list(jobs) == ["generate", "train", "campaign"]
+    assert list(jobs) == ["generate", "train", "campaign", "smooth", "calibrate"]
     info = _wait(slurm, jobs.values(), 600)
     states = {s: info[j].get("JobState") for s, j in jobs.items()}
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{_logs(run)}"
     st = _cli(slurm, "status", run)
     assert st.returncode == 0 and "2/2 shards" in st.stdout and "12/12 cycles" in st.stdout
-    assert "step 40/40" in st.stdout and st.stdout.count("COMPLETED") == 3
+    assert "step 40/40" in st.stdout and st.stdout.count("COMPLETED") == 5
+    assert "2/2 windows" in st.stdout and st.stdout.rstrip().endswith("done")
     # the same stages run directly, from the same rendered configs
     direct = tmp_path / "direct"
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
@@ -250,6 +267,8 @@ def test_chain_equals_direct_stages(slurm, tmp_path):
          "--store", direct / "data.zarr", "--run-dir", direct / "train"],
         [mpiexec, "-n", "2", *SCOREDA, "campaign", "run", run / "configs/campaign.yaml",
          "--run-dir", direct / "campaign"],
+        [mpiexec, "-n", "2", *SCOREDA, "smooth", run / "configs/smooth.yaml", "--trajectory", "1",
+         "--model-run", direct / "train", "--out", direct / "smooth_t1"],
     ]
     for cmd in steps:
         p = subprocess.run(list(map(str, cmd)), env=slurm, capture_output=True, text=True,
@@ -264,6 +283,11 @@ def test_chain_equals_direct_stages(slurm, tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     _same_tree_arrays(run / "campaign/campaign.zarr", direct / "campaign/campaign.zarr")
+    # one array task per window, each on 2 ranks; the calibration took exactly those windows
+    _same_tree_arrays(run / "smooth/t1/smooth.zarr", direct / "smooth_t1/smooth.zarr")
+    assert list((run / "logs").glob("smooth-*_1.out"))
+    cal = json.loads((run / "calibrate/calibration.json").read_text())
+    assert sorted(r["path"] for r in cal["runs"]) == [str(run / "smooth/t0"), str(run / "smooth/t1")]
 
 
 @pytest.mark.slurm
@@ -333,13 +357,24 @@ def test_chain_paths_are_wired_into_the_stage_configs(tmp_path):
     from pipeline.submit import _stage_configs
 
     sub = validate({"stage": "submit", "generate": {"config": "generate_demo_l96"},
-                    "train": {"config": "train_demo"}, "campaign": {"config": "campaign_l96_sda"}},
+                    "train": {"config": "train_demo"}, "campaign": {"config": "campaign_l96_sda"},
+                    "smooth": {"config": "smooth_demo", "trajectories": list(range(9))},
+                    "calibrate": {"config": "calibrate_fhn"}},
                    SubmitConfig, "x")
     assert isinstance(sub, SubmitConfig)
-    out = _stage_configs(sub, tmp_path, ["generate", "train", "campaign"])
+    stages = ["generate", "train", "campaign", "smooth", "calibrate"]
+    out = _stage_configs(sub, tmp_path, stages)
     assert out["generate"]["out"] == str(tmp_path / "data.zarr")
     assert out["train"]["store"] == str(tmp_path / "data.zarr")
     assert out["campaign"]["filter"]["sda"]["model"] == str(tmp_path / "train")
+    assert out["smooth"]["model_run"] == str(tmp_path / "train")
+    assert out["calibrate"]["runs"] == [str(tmp_path / "smooth" / f"t{t}") for t in range(9)]
+    # eight windows cannot make a 90 % bound per parameter: refused before anything runs
+    few = sub.model_copy(update={"smooth": sub.smooth.model_copy(update={"trajectories": [0, 1]})})
+    with pytest.raises(ConfigError, match=r"smooth.trajectories: 2 windows are too few .*at least 9"):
+        _stage_configs(few, tmp_path, stages)
+    with pytest.raises(ConfigError, match="smooth.config: model_run .* no train stage makes it"):
+        _stage_configs(sub, tmp_path, ["smooth"])
     data = yaml.safe_load((ROOT / "pipeline/configs/campaign_l96_sda.yaml").read_text())
     data["filter"]["sda"]["model"] = str(tmp_path / "nosuch")
     conf = _write(tmp_path / "c.yaml", data)
@@ -411,3 +446,43 @@ def test_job_passes_an_early_usr1_on_and_the_rerun_resumes_training(tmp_path, ma
     wa = torch.load(run / "train" / "model.pt", weights_only=True)["ema"]
     wb = torch.load(tmp_path / "direct" / "model.pt", weights_only=True)["ema"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_smooth_job_runs_each_window_once_then_calibrates(tmp_path, train_l96_window_model):
+    """`scoreda job smooth` outside SLURM smooths every listed window in turn; a rerun skips the
+    finished ones; `scoreda job calibrate` calibrates on exactly those windows. A window's
+    samples equal the same smoothing run directly."""
+    from pipeline import smooth as sm
+    from pipeline.config import SmoothConfig
+
+    model = train_l96_window_model(tmp_path, 30)
+    run = tmp_path / "run"
+    (run / "configs").mkdir(parents=True)
+    _write(run / "submit.yaml", {"stage": "submit", "calibrate": {"config": "unused"},
+                                 "smooth": {"config": "unused", "trajectories": [1, 0]}})
+    smooth = validate({**SMOOTH, "model_run": str(model)}, SmoothConfig)
+    _write(run / "configs" / "smooth.yaml", smooth.model_dump(mode="json"))
+    outs = [run / "smooth" / "t1", run / "smooth" / "t0"]
+    _write(run / "configs" / "calibrate.yaml", {**CALIBRATE, "runs": list(map(str, outs))})
+    env = {**os.environ, "SCOREDA_NO_PROGRESS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        env.pop(k, None)
+
+    def job(stage: str) -> str:
+        p = subprocess.run([*SCOREDA, "job", stage, str(run)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    job("smooth")
+    stamps = [(o / "metrics.json").stat().st_mtime_ns for o in outs]
+    again = job("smooth")
+    assert again.count("is complete; skipped") == 2
+    assert not [ln for ln in again.splitlines() if "scoreda job:" in ln and "skipped" not in ln]
+    assert [(o / "metrics.json").stat().st_mtime_ns for o in outs] == stamps
+    job("calibrate")
+    cal = json.loads((run / "calibrate" / "calibration.json").read_text())
+    assert cal["windows"] == 2 and {r["path"] for r in cal["runs"]} == set(map(str, outs))
+    sm.smooth(smooth.model_copy(update={"trajectory": 1}), tmp_path / "direct")
+    _same_tree_arrays(outs[0] / sm.STORE, tmp_path / "direct" / sm.STORE)
