@@ -688,6 +688,9 @@ class SmoothConfig(Strict):
     length: PosInt = 32                              # frames L sampled jointly (≥ the model window)
     observation: ObservationConfig = Field(default_factory=ObservationConfig)
     samples: PosInt = 32                             # posterior samples (split over MPI ranks)
+    # samples a rank draws together (null: all of its own at once); each finished batch is
+    # committed, so a killed or signalled run resumes with the next (docs/smooth.md)
+    batch: PosInt | None = None
     sda: SDAConfig = Field(default_factory=SDAConfig)
     ensf_members: NonNegInt = 0                      # > 0: also filter the same data with EnSF
     observations: ObservationFileConfig | None = None  # y(obs_time, obs) from a file: no truth
@@ -838,9 +841,11 @@ class ResumableJobSpec(JobSpec):
     max_requeues: NonNegInt = 20            # give up (fail) after this many requeues
 
 
-class SmoothJobSpec(JobSpec):
+class SmoothJobSpec(ResumableJobSpec):
     """SDA smoothing of test windows: one array task per window, each on ``ntasks`` ranks (every
-    rank draws its slice of the samples). A rerun skips windows already written."""
+    rank draws its slice of the samples). A rerun skips windows already written; USR1 stops a
+    window after its current batch of samples (``batch`` in the smooth config) and the task
+    requeues itself to draw the rest."""
 
     trajectories: list[NonNegInt] = Field(default_factory=list)  # [] = the config's trajectory
 

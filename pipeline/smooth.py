@@ -17,6 +17,16 @@ each θ also gets the split-conformal interval ``mean ± bound·sd`` calibrated 
 Under ``mpiexec -n R`` rank r draws samples ``member_slice(samples, R, r)``, each from its own
 stream ``(seed, "sample", i)``: the samples do not depend on R. Rank 0 gathers and writes.
 
+Each rank draws its samples in batches of ``batch`` and commits every finished sample to
+``.OUT.partial/`` (one file per sample, written atomically, under a key of everything that fixes
+sample i: the config without ``samples``/``batch``/``threads``/``ensf_members``/``calibration``
+and the model file's hash). SIGTERM or SIGUSR1 (SLURM's pre-timeout signal) stops every rank
+after its current batch with exit 3; the same command then draws only what is missing, so an
+interrupted run ends with the samples of an uninterrupted one (bitwise with the same ``batch``;
+another batch size, like another rank count, changes the batched network calls' rounding only).
+A partial of another key is refused (``--overwrite`` discards it); it is removed once the output
+is in place.
+
 Output directory (written under a temporary name and renamed: never half-written):
 ``config.yaml``, ``smooth.zarr`` (state samples ``(sample, time, *space)`` per variable,
 ``theta(sample, time, param)`` natural units, ``truth_*``, ``theta_truth``, ``y(obs_time, obs)``),
@@ -30,6 +40,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +69,17 @@ from pipeline.config import (
     resolve_config_path,
     validate,
 )
-from pipeline.runtime import compute_device, member_slice, progress, tune_allocator, world
-from pipeline.storage import OutputError, write_text_atomic
+from pipeline.runtime import StopSignals, compute_device, member_slice, progress, tune_allocator, world
+from pipeline.storage import OutputError, write_bytes_atomic, write_text_atomic
 from pipeline.store import store_config
 
 CONFIG, STORE, METRICS, SUMMARY = "config.yaml", "smooth.zarr", "metrics.json", "summary.md"
+KEY = "key.json"  # in the partial directory: what its samples were drawn with
+EXIT_STOPPED = 3  # stopped by a signal after a commit: the same command resumes
+
+
+class SmoothStopped(Exception):
+    """Every rank stopped after committing its current batch (a stop signal)."""
 
 
 class Problem:
@@ -152,7 +169,7 @@ class Problem:
         """Unconstrained θ of the model's estimated parameters ``(..., P)`` → natural units."""
         return self.model.from_unconstrained(u, self.pidx)
 
-    def sample(self, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior samples ``indices``: states ``(S, L, C, *sp)`` and θ ``(S, L, P)``, physical."""
         cfg, den = self.cfg, self.den
         dtype = getattr(torch, cfg.dtype)
@@ -354,7 +371,9 @@ def summary_lines(met: dict[str, Any]) -> list[str]:
              f"observation residual std / σ_y: {met['residual_std_over_sigma']:.3f} "
              f"({met['observations']} observations)",
              f"{met['seconds']:.1f} s wall on {met['ranks']} rank(s), "
-             f"{met['seconds_per_sample']:.2f} s per sample"]
+             f"{met['seconds_per_sample']:.2f} s per sample"
+             + (f" ({met['samples_drawn']} drawn now, {met['samples_resumed']} committed by an "
+                "earlier run)" if met.get("samples_resumed") else "")]
     lines += _interval_note(met)
     for name, t in met.get("theta", {}).items():
         truth = (f", truth {t['truth']:.4g} ({'covered' if t['covered'] else 'NOT covered'})"
@@ -445,9 +464,94 @@ def _plots(p: Problem, out: Path, state: torch.Tensor, theta: torch.Tensor) -> N
         plt.close(fig)
 
 
+def partial_dir(out: Path) -> Path:
+    """Where a run writing ``out`` commits its finished samples."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def sampling_key(cfg: SmoothConfig) -> dict[str, Any]:
+    """What fixes sample i: the config less how many samples are drawn, how they are batched
+    and what is done with them afterwards, plus the model file's SHA-256."""
+    import hashlib
+
+    key = cfg.model_dump(mode="json")
+    for k in ("samples", "batch", "threads", "ensf_members", "calibration"):
+        key.pop(k)
+    h = hashlib.sha256()
+    with open(Path(cfg.model_run) / "model.pt", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    key["model_sha256"] = h.hexdigest()
+    return key
+
+
+def _prepare_partial(part: Path, key: dict[str, Any], overwrite: bool) -> int:
+    """Rank 0: keep a partial directory drawn with ``key`` (or make one); another key is refused
+    unless ``overwrite``, which discards it. Returns the samples already committed."""
+    if part.exists():
+        try:
+            old = json.loads((part / KEY).read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != key:
+            if not overwrite:
+                raise OutputError(f"{part}: committed samples of another set-up (config or model "
+                                  "changed); --overwrite discards them")
+            shutil.rmtree(part)
+    part.mkdir(parents=True, exist_ok=True)
+    if not (part / KEY).exists():
+        write_text_atomic(part / KEY, json.dumps(key, indent=1))
+    return len(list(part.glob("sample-*.npz")))
+
+
+def _sample_file(part: Path, i: int) -> Path:
+    return part / f"sample-{i:07d}.npz"
+
+
+def _commit(part: Path, i: int, state: torch.Tensor, theta: torch.Tensor) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, state=state.numpy(), theta=theta.numpy())
+    write_bytes_atomic(_sample_file(part, i), buf.getvalue())
+
+
+def _load(part: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(_sample_file(part, i)) as f:
+        return f["state"], f["theta"]
+
+
+def _draw(p: Problem, mine: range, part: Path) -> tuple[list[Any], int, str]:
+    """This rank's samples ``mine``: the committed ones read back, the rest drawn in batches and
+    committed. Returns ``(state, theta)`` pairs in index order, how many were drawn, and why it
+    ended early: "" (it did not), "stopped" (a signal) or "non-finite" (that batch is dropped)."""
+    have = {i: _load(part, i) for i in mine if _sample_file(part, i).exists()}
+    todo = [i for i in mine if i not in have]
+    bs = p.cfg.batch or max(len(todo), 1)
+    drawn, why = 0, ""
+    with StopSignals() as stop, progress(math.ceil(len(todo) / bs), "smooth", unit="batch") as bar:
+        for b0 in range(0, len(todo), bs):
+            idx = todo[b0:b0 + bs]
+            state, theta = p.sample(idx)
+            if not (torch.isfinite(state).all() and torch.isfinite(theta).all()):
+                why = "non-finite"
+                break
+            for j, i in enumerate(idx):
+                _commit(part, i, state[j], theta[j])
+                have[i] = (state[j].numpy(), theta[j].numpy())
+            drawn += len(idx)
+            bar.update(1)
+            if stop.requested and b0 + bs < len(todo):
+                why = "stopped"
+                break
+    return [have[i] for i in mine if i in have], drawn, why
+
+
 def smooth(cfg: SmoothConfig, out: str | Path, overwrite: bool = False,
            comm: Any = None) -> dict[str, Any] | None:
-    """Run the smoothing; rank 0 writes ``out`` and returns the metrics (None on other ranks)."""
+    """Run the smoothing; rank 0 writes ``out`` and returns the metrics (None on other ranks).
+
+    Raises :class:`SmoothStopped` on every rank when a stop signal ended it after a commit."""
     out = Path(out)
     comm = comm if comm is not None else world()
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -462,6 +566,11 @@ def smooth(cfg: SmoothConfig, out: str | Path, overwrite: bool = False,
         if cfg.calibration is not None:
             calib = load_calibration(cfg.calibration)
             check_calibration(calib, cfg, p.spec["params"])
+        if rank == 0:
+            resumed = _prepare_partial(partial_dir(out), sampling_key(cfg), overwrite)
+            if resumed:
+                print(f"smooth: resuming with {resumed} committed sample(s) in {partial_dir(out)}",
+                      flush=True)
     except (ConfigError, OutputError) as exc:
         err = exc
     errs = comm.allgather(None if err is None else str(err))
@@ -469,21 +578,30 @@ def smooth(cfg: SmoothConfig, out: str | Path, overwrite: bool = False,
     if first is not None:
         raise err if err is not None else OutputError(first)
     assert p is not None
+    part = partial_dir(out)
     mine = member_slice(cfg.samples, size, rank)
     t0 = time.perf_counter()
-    with progress(1, "smooth", unit="batch"):
-        state, theta = p.sample(mine)
-    parts = comm.gather((state.numpy(), theta.numpy()), root=0)
+    pairs, drawn, why = _draw(p, mine, part)
     wall = time.perf_counter() - t0
+    ends = comm.allgather((why, drawn))
+    if any(w == "non-finite" for w, _ in ends):
+        raise OutputError("smooth: non-finite samples (lower sda.tau or raise sda.steps)")
+    committed = sum(1 for _ in part.glob("sample-*.npz")) if rank == 0 else 0
+    if any(w == "stopped" for w, _ in ends):
+        raise SmoothStopped(f"smooth: stopped by a signal with {committed} of {cfg.samples} "
+                            f"samples committed in {part}; the same command resumes "
+                            f"(exit {EXIT_STOPPED})")
+    parts = comm.gather(pairs, root=0)
     if rank != 0:
         return None
-    state = torch.from_numpy(np.concatenate([a for a, _ in parts]))
-    theta = torch.from_numpy(np.concatenate([b for _, b in parts]))
-    if not (torch.isfinite(state).all() and torch.isfinite(theta).all()):
-        raise OutputError("smooth: non-finite samples (lower sda.tau or raise sda.steps)")
+    rows = [pair for ps in parts for pair in ps]
+    state = torch.from_numpy(np.stack([a for a, _ in rows]))
+    theta = torch.from_numpy(np.stack([b for _, b in rows]))
     met = evaluate(p, state, theta, calib)
-    met.update(seconds=wall, ranks=size, seconds_per_sample=wall * size / cfg.samples,
-               condition=cfg.condition)
+    new = sum(d for _, d in ends)
+    met.update(seconds=wall, ranks=size,
+               seconds_per_sample=wall * size / new if new else float("nan"),
+               samples_drawn=new, samples_resumed=cfg.samples - new, condition=cfg.condition)
     if cfg.ensf_members and p.has_truth:
         met["ensf"] = ensf_baseline(p, cfg.ensf_members)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -494,6 +612,7 @@ def smooth(cfg: SmoothConfig, out: str | Path, overwrite: bool = False,
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+    shutil.rmtree(part, ignore_errors=True)  # the output holds every sample now
     return met
 
 
@@ -524,7 +643,12 @@ def _cmd(args: argparse.Namespace) -> int:
             data[key] = getattr(args, key)
     cfg = validate(data, SmoothConfig, str(path))
     assert isinstance(cfg, SmoothConfig)
-    met = smooth(cfg, args.out, args.overwrite)
+    try:
+        met = smooth(cfg, args.out, args.overwrite)
+    except SmoothStopped as exc:
+        if world().Get_rank() == 0:
+            print(exc, flush=True)
+        return EXIT_STOPPED
     if met is not None:
         for line in summary_lines(met):
             print(line)

@@ -468,7 +468,7 @@ def status_lines(run_dir: str | Path) -> list[str]:
             exit_codes = {r.get("ExitCode", "0:0") for r in rows}
             if "FAILED" in states:
                 state += f" exit {','.join(sorted(exit_codes))}"
-            restarts = rows[0].get("Restarts", "0")
+            restarts = str(max(int(r.get("Restarts", "0") or 0) for r in rows))  # array: any task
         stage = job["stage"]
         prog = _progress(stage, run_dir) if stage in ORDER else ""
         lines.append(f"{stage:<13}{job['job_id']:<10}{state:<25} {restarts:<9}{prog}")
@@ -503,8 +503,9 @@ def _launcher(ntasks: int) -> list[str]:
     return [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ntasks)]
 
 
-def run_stage(argv: list[str], ntasks: int, sub: SubmitConfig) -> int:
+def run_stage(argv: list[str], ntasks: int, sub: SubmitConfig, seen: list[int] | None = None) -> int:
     """Run ``scoreda ARGV`` on ``ntasks`` ranks, passing USR1/TERM on to them; its exit code.
+    The signals received are appended to ``seen``.
 
     A signal is passed on only once the stage has had 3 s to start (its CLI records USR1 from
     its first line; before that the default action would kill it) and again every 10 s until it
@@ -536,6 +537,8 @@ def run_stage(argv: list[str], ntasks: int, sub: SubmitConfig) -> int:
             time.sleep(0.2)
         return rc
     finally:
+        if seen is not None:
+            seen.extend(pending)
         for s, h in old.items():
             signal.signal(s, h)
 
@@ -543,6 +546,7 @@ def run_stage(argv: list[str], ntasks: int, sub: SubmitConfig) -> int:
 def _smooth_job(run_dir: Path, sub: SubmitConfig) -> int:
     """This array task's window (``SLURM_ARRAY_TASK_ID``), or every window in turn outside
     SLURM; a window whose output is complete is skipped (smooth writes it whole, by rename)."""
+    from pipeline import early_signal
     from pipeline.smooth import METRICS
 
     assert sub.smooth is not None
@@ -555,14 +559,23 @@ def _smooth_job(run_dir: Path, sub: SubmitConfig) -> int:
                   file=sys.stderr)
             return 2
         outs = [outs[int(task)]]
+    seen: list[int] = []
+    started = False
     for out in outs:
         if (out / METRICS).exists():
             print(f"scoreda job: {out} is complete; skipped", flush=True)
             continue
-        rc = run_stage(["smooth", str(conf), "--trajectory", out.name[1:], "--out", str(out),
-                        "--overwrite"], sub.smooth.ntasks, sub)
+        # the time limit is near: no new window after one ran (the first always runs, to its
+        # first committed batch at least, so every attempt makes progress)
+        if started and (seen or early_signal()):
+            print(f"scoreda job: stop signal; {out} not started", flush=True)
+            return _requeue_if_stopped("smooth", sub.smooth, EXIT_REQUEUE)
+        started = True
+        # no --overwrite: a window's committed samples are resumed, never discarded
+        rc = run_stage(["smooth", str(conf), "--trajectory", out.name[1:], "--out", str(out)],
+                       sub.smooth.ntasks, sub, seen)
         if rc != 0:
-            return rc
+            return _requeue_if_stopped("smooth", sub.smooth, rc)
     return 0
 
 
@@ -588,7 +601,13 @@ def run_job(stage: str, run_dir: str | Path) -> int:
     if stage == "calibrate":
         return run_stage(["calibrate", str(run_dir / "configs" / "calibrate.yaml"), "--out",
                           str(run_dir / "calibrate"), "--overwrite"], 1, sub)
-    rc = run_stage(_stage_argv(stage, run_dir, sub), spec.ntasks, sub)
+    return _requeue_if_stopped(stage, spec, run_stage(_stage_argv(stage, run_dir, sub),
+                                                      spec.ntasks, sub))
+
+
+def _requeue_if_stopped(stage: str, spec: JobSpec, rc: int) -> int:
+    """A stage that stopped after a commit (exit 3) requeues its job under SLURM, until
+    ``max_requeues``; any other exit code is the job's."""
     if rc != EXIT_REQUEUE:
         return rc
     job = os.environ.get("SLURM_JOB_ID")

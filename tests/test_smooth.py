@@ -241,3 +241,69 @@ def test_kolmogorov_velocity_observations(tmp_path, make_kolmogorov_store):
         w = ds["vorticity"].values
         assert w.shape == (2, 4, 16, 16) and ds["y"].shape == (4, m)
         assert np.abs(w.mean(axis=(-2, -1))).max() < 1e-2 * w.std()
+
+
+def test_a_stopped_run_resumes_to_the_samples_of_an_uninterrupted_one(tmp_path, model_run,
+                                                                       monkeypatch):
+    """Batches of `batch` samples are committed one by one; a stop signal ends the run after the
+    current batch (SmoothStopped, exit 3 in the CLI), and the same call draws only the rest: the
+    samples equal those of an uninterrupted run with the same batches. A partial of another set-up is refused
+    unless --overwrite discards it."""
+    import signal
+
+    from pipeline.storage import OutputError
+
+    cfg = make_cfg(model_run, samples=6, batch=2, sda={"steps": 12})
+    sm.smooth(cfg, tmp_path / "whole")
+    out = tmp_path / "out"
+    calls: list[list[int]] = []
+    draw = sm.Problem.sample
+
+    def signalled(self, idx):
+        calls.append(list(idx))
+        res = draw(self, idx)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's pre-timeout signal would
+        return res
+
+    monkeypatch.setattr(sm.Problem, "sample", signalled)
+    with pytest.raises(sm.SmoothStopped, match="2 of 6 samples committed"):
+        sm.smooth(cfg, out)
+    part = sm.partial_dir(out)
+    assert not out.exists() and len(list(part.glob("sample-*.npz"))) == 2
+    met = sm.smooth(cfg, out)
+    assert calls == [[0, 1], [2, 3], [4, 5]] and not part.exists()
+    assert met["samples_drawn"] == 4 and met["samples_resumed"] == 2
+    a, b = (xr.open_zarr(d / sm.STORE, consolidated=False) for d in (tmp_path / "whole", out))
+    np.testing.assert_array_equal(b["x"].values, a["x"].values)
+    np.testing.assert_array_equal(b["theta"].values, a["theta"].values)
+    # another batch size changes only the rounding of the batched network calls
+    sm.smooth(make_cfg(model_run, samples=6, sda={"steps": 12}), tmp_path / "one_batch")
+    c = xr.open_zarr(tmp_path / "one_batch" / sm.STORE, consolidated=False)
+    np.testing.assert_allclose(c["x"].values, a["x"].values, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(c["theta"].values, a["theta"].values, rtol=1e-5, atol=1e-5)
+    # committed samples of another set-up are never mixed in
+    other = tmp_path / "other"
+    sm.partial_dir(other).mkdir()
+    (sm.partial_dir(other) / sm.KEY).write_text('{"seed": 99}')
+    with pytest.raises(OutputError, match="another set-up"):
+        sm.smooth(cfg, other)
+    assert sm.smooth(cfg, other, overwrite=True)["samples_drawn"] == 6
+
+
+def test_a_non_finite_batch_is_not_committed(tmp_path, model_run, monkeypatch):
+    from pipeline.storage import OutputError
+
+    draw = sm.Problem.sample
+
+    def nan_after_two(self, idx):
+        state, theta = draw(self, idx)
+        return (state * float("nan") if idx[0] >= 2 else state), theta
+
+    monkeypatch.setattr(sm.Problem, "sample", nan_after_two)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="non-finite"):
+        sm.smooth(make_cfg(model_run, samples=4, batch=2, sda={"steps": 12}), out)
+    assert sorted(p.name for p in sm.partial_dir(out).glob("sample-*")) == [
+        "sample-0000000.npz", "sample-0000001.npz"]
+    assert not out.exists()

@@ -373,8 +373,10 @@ def test_chain_paths_are_wired_into_the_stage_configs(tmp_path):
     few = sub.model_copy(update={"smooth": sub.smooth.model_copy(update={"trajectories": [0, 1]})})
     with pytest.raises(ConfigError, match=r"smooth.trajectories: 2 windows are too few .*at least 9"):
         _stage_configs(few, tmp_path, stages)
+    conf = _write(tmp_path / "s.yaml", {**SMOOTH, "model_run": str(tmp_path / "nosuch")})
+    alone = validate({"stage": "submit", "smooth": {"config": str(conf)}}, SubmitConfig, "x")
     with pytest.raises(ConfigError, match="smooth.config: model_run .* no train stage makes it"):
-        _stage_configs(sub, tmp_path, ["smooth"])
+        _stage_configs(alone, tmp_path, ["smooth"])
     data = yaml.safe_load((ROOT / "pipeline/configs/campaign_l96_sda.yaml").read_text())
     data["filter"]["sda"]["model"] = str(tmp_path / "nosuch")
     conf = _write(tmp_path / "c.yaml", data)
@@ -448,10 +450,14 @@ def test_job_passes_an_early_usr1_on_and_the_rerun_resumes_training(tmp_path, ma
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_smooth_job_runs_each_window_once_then_calibrates(tmp_path, train_l96_window_model):
-    """`scoreda job smooth` outside SLURM smooths every listed window in turn; a rerun skips the
-    finished ones; `scoreda job calibrate` calibrates on exactly those windows. A window's
-    samples equal the same smoothing run directly."""
+def test_smooth_job_resumes_a_stopped_window_skips_finished_ones_then_calibrates(
+        tmp_path, train_l96_window_model):
+    """`scoreda job smooth` outside SLURM: an early USR1 is passed on and the first window stops
+    after one committed batch (exit 3); the next run resumes it and smooths the other; a third
+    skips both; `scoreda job calibrate` calibrates on exactly those windows. The resumed window's
+    samples equal the same smoothing run directly, uninterrupted (same batches: bitwise)."""
+    import signal
+
     from pipeline import smooth as sm
     from pipeline.config import SmoothConfig
 
@@ -460,7 +466,9 @@ def test_smooth_job_runs_each_window_once_then_calibrates(tmp_path, train_l96_wi
     (run / "configs").mkdir(parents=True)
     _write(run / "submit.yaml", {"stage": "submit", "calibrate": {"config": "unused"},
                                  "smooth": {"config": "unused", "trajectories": [1, 0]}})
-    smooth = validate({**SMOOTH, "model_run": str(model)}, SmoothConfig)
+    # one sample per batch, slow enough (~2 s each) for the signal to land mid-window
+    smooth = validate({**SMOOTH, "model_run": str(model), "batch": 1, "samples": 3,
+                       "sda": {"steps": 360}}, SmoothConfig)
     _write(run / "configs" / "smooth.yaml", smooth.model_dump(mode="json"))
     outs = [run / "smooth" / "t1", run / "smooth" / "t0"]
     _write(run / "configs" / "calibrate.yaml", {**CALIBRATE, "runs": list(map(str, outs))})
@@ -469,19 +477,28 @@ def test_smooth_job_runs_each_window_once_then_calibrates(tmp_path, train_l96_wi
     for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         env.pop(k, None)
 
-    def job(stage: str) -> str:
-        p = subprocess.run([*SCOREDA, "job", stage, str(run)], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stdout + p.stderr
-        return p.stdout
+    def job(stage: str, usr1: bool = False) -> tuple[int, str]:
+        p = subprocess.Popen([*SCOREDA, "job", stage, str(run)], env=env, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if usr1:
+            time.sleep(1.0)  # the job's CLI records USR1 from its first line
+            p.send_signal(signal.SIGUSR1)
+        out, _ = p.communicate(timeout=300)
+        return p.returncode, out
 
-    job("smooth")
+    rc, log = job("smooth", usr1=True)
+    assert rc == 3 and "SIGUSR1 → stage" in log and "run it again to resume" in log, log
+    committed = len(list(sm.partial_dir(outs[0]).glob("sample-*.npz")))
+    assert 1 <= committed < 3 and not outs[0].exists() and not outs[1].exists()
+    rc, log = job("smooth")
+    assert rc == 0 and f"resuming with {committed} committed" in log, log
     stamps = [(o / "metrics.json").stat().st_mtime_ns for o in outs]
-    again = job("smooth")
-    assert again.count("is complete; skipped") == 2
+    rc, again = job("smooth")
+    assert rc == 0 and again.count("is complete; skipped") == 2
     assert not [ln for ln in again.splitlines() if "scoreda job:" in ln and "skipped" not in ln]
     assert [(o / "metrics.json").stat().st_mtime_ns for o in outs] == stamps
-    job("calibrate")
+    rc, log = job("calibrate")
+    assert rc == 0, log
     cal = json.loads((run / "calibrate" / "calibration.json").read_text())
     assert cal["windows"] == 2 and {r["path"] for r in cal["runs"]} == set(map(str, outs))
     sm.smooth(smooth.model_copy(update={"trajectory": 1}), tmp_path / "direct")
