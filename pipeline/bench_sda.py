@@ -82,12 +82,13 @@ def _case(name: str, kind: str, options: dict, spatial: tuple[int, ...], channel
 
 @suite("sda")
 def sda_suite(floors: Floors, repeats: int) -> list[Entry]:
-    """Seconds per SDA posterior sample: a Lorenz-96 ring and a Kolmogorov 128² U-Net."""
+    """Seconds per SDA posterior sample: a Lorenz-96 ring and Kolmogorov U-Nets at 128² and
+    (full runs only) 512²."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         q = floors.quick
-        return [
+        cases = [
             _case(f"lorenz96 40, ring w64 d4, L=32, {4 if q else 8} samples", "ring",
                   {"width": 64, "depth": 4}, (40,), 1, 1, 32, 4 if q else 8, 4 if q else 32,
                   "every_kth", {"k": 4}, floors, repeats),
@@ -95,5 +96,10 @@ def sda_suite(floors: Floors, repeats: int) -> list[Entry]:
                   {"width": 16, "mults": (1, 2, 2, 4)}, (128, 128), 1, 2, 8, 2, 2 if q else 4,
                   "coarse_pool", {"factor": 8}, floors, repeats),
         ]
+        if not q:  # the campaign's largest grid: what one window evaluation costs on this CPU
+            cases.append(_case("kolmogorov 512², U-Net w16 (1,2,2,4), L=5 (one window), 1 sample",
+                               "unet", {"width": 16, "mults": (1, 2, 2, 4)}, (512, 512), 1, 2, 5,
+                               1, 1, "coarse_pool", {"factor": 8}, floors, 1))
+        return cases
     finally:
         torch.set_num_threads(threads)
