@@ -1,7 +1,8 @@
 """``scoreda submit | status | job`` against a real single-node SLURM (env/slurm.sh).
 
 The chain's outputs equal the same stages run directly; a campaign longer than its time limit is
-signalled, requeues, resumes and ends bitwise equal to an uninterrupted run; a failing stage
+signalled, requeues, resumes and ends bitwise equal to an uninterrupted run, and so does a
+signalled task of a smooth array; a failing stage
 cancels its dependents; ``--dry-run`` scripts pass ``sbatch --test-only``; bad site settings are
 refused before anything is written. Config/render checks without SLURM run everywhere.
 """
@@ -310,6 +311,36 @@ def test_time_limited_campaign_requeues_and_finishes_bitwise(slurm, tmp_path):
     p = _cli(slurm, "campaign", "run", run / "configs/campaign.yaml", "--run-dir", direct)
     assert p.returncode == 0, p.stderr
     _same_tree_arrays(run / "campaign/campaign.zarr", direct / "campaign.zarr")
+
+
+@pytest.mark.slurm
+def test_signalled_smooth_array_task_requeues_and_resumes(slurm, tmp_path, train_l96_window_model):
+    """USR1 to a running smooth array task (as SLURM sends before the time limit): its window
+    stops after the current batch, the task requeues itself, resumes with the committed samples
+    and ends equal to an uninterrupted run; the other task is untouched."""
+    model = train_l96_window_model(tmp_path, 30)
+    smooth = {**SMOOTH, "model_run": str(model), "batch": 1, "samples": 4, "sda": {"steps": 360}}
+    cfg = _submit_cfg(tmp_path, {"smooth": (smooth, {"trajectories": [0, 1], "signal_lead": 30})})
+    run = tmp_path / "run"
+    r = _cli(slurm, "submit", cfg, "--run-dir", run)
+    assert r.returncode == 0, r.stderr
+    jid = _jobs(run)["smooth"]
+    deadline = time.time() + 120
+    while _state(slurm, f"{jid}_0").get("JobState") != "RUNNING" and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(6)  # into the window's first batches
+    sig = subprocess.run(["scancel", "--signal=USR1", "--batch", f"{jid}_0"], env=slurm,
+                         capture_output=True, text=True, timeout=30)
+    assert sig.returncode == 0, sig.stderr
+    info = _wait(slurm, [f"{jid}_0", f"{jid}_1"], 600)
+    log = _logs(run)
+    assert {i.get("JobState") for i in info.values()} == {"COMPLETED"}, f"{info}\n{log}"
+    assert int(info[f"{jid}_0"]["Restarts"]) >= 1 and int(info[f"{jid}_1"]["Restarts"]) == 0, log
+    assert "committed and stopped; requeue 1" in log and "resuming with" in log, log
+    direct = tmp_path / "direct"
+    p = _cli(slurm, "smooth", run / "configs/smooth.yaml", "--trajectory", "0", "--out", direct)
+    assert p.returncode == 0, p.stderr
+    _same_tree_arrays(run / "smooth/t0/smooth.zarr", direct / "smooth.zarr")
 
 
 @pytest.mark.slurm
