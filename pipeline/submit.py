@@ -222,7 +222,7 @@ def _stage_configs(sub: SubmitConfig, run_dir: Path, stages: list[str]) -> dict[
             data["model_run"] = str(run_dir / "train")  # the model this chain trains
         elif stage == "calibrate" and "smooth" in stages:
             # the chain's smoothed windows are the calibration cases
-            data["runs"] = [str(p) for p in smooth_outputs(sub, run_dir, out["smooth"])]
+            data["runs"] = [str(p) for p in smooth_outputs(sub, run_dir, out["smooth"]).values()]
         cfg = validate(data, _schema(stage), f"{stage}.config ({path})")
         if stage == "train" and "generate" not in stages:
             store = Path(cfg.store)  # type: ignore[attr-defined]
@@ -250,12 +250,12 @@ def _stage_configs(sub: SubmitConfig, run_dir: Path, stages: list[str]) -> dict[
     return out
 
 
-def smooth_outputs(sub: SubmitConfig, run_dir: Path, smooth_cfg: dict[str, Any]) -> list[Path]:
-    """``RUN/smooth/tT`` for each window of the smooth stage: ``smooth.trajectories``, or the
-    config's own ``trajectory`` when none are listed."""
+def smooth_outputs(sub: SubmitConfig, run_dir: Path, smooth_cfg: dict[str, Any]) -> dict[int, Path]:
+    """Test trajectory → ``RUN/smooth/tT`` for each window of the smooth stage, in array-task
+    order: ``smooth.trajectories``, or the config's own ``trajectory`` when none are listed."""
     assert sub.smooth is not None
     trajs = sub.smooth.trajectories or [int(smooth_cfg.get("trajectory", 0))]
-    return [run_dir / "smooth" / f"t{t}" for t in trajs]
+    return {t: run_dir / "smooth" / f"t{t}" for t in trajs}
 
 
 def _check_smooth(spec: JobSpec, cfg: Any, path: Path, trained_here: bool) -> None:
@@ -431,7 +431,7 @@ def _progress(stage: str, run_dir: Path) -> str:
 
             sub = validate(load_yaml(run_dir / SUBMIT), SubmitConfig, str(run_dir / SUBMIT))
             outs = smooth_outputs(sub, run_dir, load_yaml(run_dir / "configs" / "smooth.yaml"))  # type: ignore[arg-type]
-            done = sum((o / METRICS).exists() for o in outs)
+            done = sum((o / METRICS).exists() for o in outs.values())
             return f"{done}/{len(outs)} windows"
         if stage == "calibrate":
             from pipeline.calibrate import CALIBRATION
@@ -551,7 +551,7 @@ def _smooth_job(run_dir: Path, sub: SubmitConfig) -> int:
 
     assert sub.smooth is not None
     conf = run_dir / "configs" / "smooth.yaml"
-    outs = smooth_outputs(sub, run_dir, load_yaml(conf))  # type: ignore[arg-type]
+    outs = list(smooth_outputs(sub, run_dir, load_yaml(conf)).items())  # type: ignore[arg-type]
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     if task is not None:
         if not 0 <= int(task) < len(outs):
@@ -561,7 +561,7 @@ def _smooth_job(run_dir: Path, sub: SubmitConfig) -> int:
         outs = [outs[int(task)]]
     seen: list[int] = []
     started = False
-    for out in outs:
+    for traj, out in outs:
         if (out / METRICS).exists():
             print(f"scoreda job: {out} is complete; skipped", flush=True)
             continue
@@ -572,7 +572,7 @@ def _smooth_job(run_dir: Path, sub: SubmitConfig) -> int:
             return _requeue_if_stopped("smooth", sub.smooth, EXIT_REQUEUE)
         started = True
         # no --overwrite: a window's committed samples are resumed, never discarded
-        rc = run_stage(["smooth", str(conf), "--trajectory", out.name[1:], "--out", str(out)],
+        rc = run_stage(["smooth", str(conf), "--trajectory", str(traj), "--out", str(out)],
                        sub.smooth.ntasks, sub, seen)
         if rc != 0:
             return _requeue_if_stopped("smooth", sub.smooth, rc)
