@@ -163,7 +163,7 @@ class WindowFilter:
                                     gamma=s.gamma, ddim_eta=s.ddim_eta,
                                     theta_clip=s.theta_clip, theta_guidance=s.theta_guidance)
         self.eps = composed_model_eps(self.den, spec, self.static_theta, s.theta_composition,
-                                      "filter.sda")
+                                      "filter.sda", s.theta_evidence_scale)
         # (σ_t/μ_t)² is a variance per normalised state entry and y is physical: γ is scaled
         # by what such a white perturbation gives the observations (as in `scoreda smooth`)
         self.state_var = self.den.normalizer.state_std.double().square()

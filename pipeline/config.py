@@ -425,6 +425,9 @@ class SDAConfig(Strict):
     # (mean of the windows' outputs) for a per-frame one; "evidence" (per-frame models only: a
     # finite-difference Gaussian reading of each window; P extra window passes)
     theta_composition: Literal["auto", "evidence", "pooled"] = "auto"
+    # c in (0, 1]: the shared/evidence compositions weight each window's θ evidence c/W, not 1/W
+    # (overlapping windows repeat the evidence of their states' marginals; docs/smooth.md)
+    theta_evidence_scale: Annotated[float, Field(gt=0, le=1)] = 1.0
     # whether the likelihood's gradient also moves θ through the denoiser (false: θ follows the
     # sampled states only — y is independent of θ given them; docs/smooth.md)
     theta_guidance: bool = True

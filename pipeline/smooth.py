@@ -157,7 +157,7 @@ class Problem:
         if cfg.condition == "truth_states" and (not self.static_theta or not self.spec["params"]):
             raise ConfigError("condition: truth_states samples a static θ; the model has none")
         self.eps = composed_model_eps(self.den, self.spec, self.static_theta,
-                                      cfg.sda.theta_composition, "sda")
+                                      cfg.sda.theta_composition, "sda", cfg.sda.theta_evidence_scale)
 
     def _sigma_flat(self, dtype: torch.dtype) -> float | torch.Tensor:
         """σ for the flattened ``(T_obs · m)`` observations of the window."""

@@ -260,25 +260,32 @@ def theta_prior_normalised(
 
 
 def composed_model_eps(den: WindowDenoiser, spec: dict[str, Any], static_theta: bool,
-                       composition: str, field: str) -> EpsFn:
+                       composition: str, field: str, evidence_scale: float = 1.0) -> EpsFn:
     """The trajectory noise predictor (kernels.score.sda.trajectory_eps) of a trained model.
 
     A model trained with shared θ noise takes a static θ through the shared composition
     (``composition`` must be ``auto``); a per-frame model takes ``pooled`` (also for ``auto``)
-    or ``evidence``. ``field`` names the config section in errors (``sda``, ``filter.sda``).
+    or ``evidence``; ``evidence_scale`` tempers the windows' θ evidence of either (not the
+    pooled mean, which has none). ``field`` names the config section in errors (``sda``,
+    ``filter.sda``).
     """
     w = int(spec["window"])
     prior = theta_prior_normalised(den, spec)
     if prior is None:
+        if evidence_scale != 1.0 and not (static_theta and composition == "evidence"):
+            raise ConfigError(f"{field}.theta_evidence_scale: only the shared and evidence "
+                              "compositions of a static θ weight windows' evidence (leave it 1)")
         return trajectory_eps(den.eps, w, static_theta=static_theta,
-                              schedule=den.schedule if composition == "evidence" else None)
+                              schedule=den.schedule if composition == "evidence" else None,
+                              evidence_scale=evidence_scale)
     if not static_theta:
         raise ConfigError(f"{field}.static_theta: the model was trained with one θ noise per "
                           "window (theta_noise: shared) and samples only a static θ")
     if composition != "auto":
         raise ConfigError(f"{field}.theta_composition: {composition} is for models trained with "
                           "per-frame θ noise; this one shares it (use auto)")
-    return trajectory_eps(den.eps, w, static_theta=True, schedule=den.schedule, theta_prior=prior)
+    return trajectory_eps(den.eps, w, static_theta=True, schedule=den.schedule, theta_prior=prior,
+                          evidence_scale=evidence_scale)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[WindowDenoiser, dict[str, Any]]:

@@ -171,6 +171,7 @@ def test_a_model_that_does_not_fit_is_refused(tmp_path, model_run, capsys, chang
 @pytest.mark.parametrize("sda,field", [
     ({"window": 2}, "filter.sda.window:"),
     ({"model": "/nonexistent/run"}, "filter.sda.model:"),
+    ({"theta_evidence_scale": 0.5}, "filter.sda.theta_evidence_scale:"),  # pooled: no evidence
 ])
 def test_bad_sda_settings_are_refused(tmp_path, model_run, capsys, sda, field):
     _assert_refused(tmp_path, capsys, model_run, sda, field)
@@ -192,6 +193,7 @@ def _assert_refused(tmp_path: Path, capsys, run: Path, sda: dict, field: str) ->
 @pytest.mark.parametrize("sda,field", [
     ({"static_theta": False}, "filter.sda.static_theta:"),
     ({"theta_composition": "pooled"}, "filter.sda.theta_composition:"),
+    ({"theta_evidence_scale": 0.0}, "filter.sda.theta_evidence_scale"),
 ])
 def test_a_shared_theta_model_takes_only_its_composition(tmp_path, model_run, capsys,
                                                           train_l96_window_model, sda, field):

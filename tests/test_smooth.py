@@ -101,6 +101,18 @@ def test_theta_composition_follows_the_training_noise(tmp_path, model_run, train
     sm.smooth(make_cfg(shared, samples=4, sda={"steps": 12}), tmp_path / "shared")
     th = xr.open_zarr(tmp_path / "shared" / sm.STORE, consolidated=False)["theta"].values
     assert np.isfinite(th).all() and not np.allclose(th, out["pooled"])
+    # a tempered evidence (`theta_evidence_scale`) reaches the shared composition; the pooled
+    # mean has no evidence weight and refuses it by name, as does a scale outside (0, 1]
+    sm.smooth(make_cfg(shared, samples=4, sda={"steps": 12, "theta_evidence_scale": 0.25}),
+              tmp_path / "tempered")
+    tt = xr.open_zarr(tmp_path / "tempered" / sm.STORE, consolidated=False)["theta"].values
+    assert np.isfinite(tt).all() and not np.allclose(tt, th)
+    with pytest.raises(ConfigError, match="sda.theta_evidence_scale"):
+        sm.Problem(make_cfg(model_run, sda={"theta_evidence_scale": 0.5}))
+    sm.Problem(make_cfg(model_run, sda={"theta_evidence_scale": 0.5, "theta_composition": "evidence"}))
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="theta_evidence_scale"):
+            make_cfg(model_run, sda={"theta_evidence_scale": bad})
 
 
 def test_theta_given_the_true_states(tmp_path, model_run):

@@ -111,6 +111,7 @@ def composed_eps(
     schedule: VPSchedule | None = None,
     theta_fd: float = 0.1,
     theta_prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+    evidence_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise prediction of whole trajectories assembled from a window network.
 
@@ -140,6 +141,8 @@ def composed_eps(
         theta_prior: ``(mean (P,), std (P,))`` of the training prior of normalised θ; with
             ``static_theta`` and ``schedule`` it selects the shared composition (below), for a
             network trained with one θ noise per window (``theta_noise: shared``).
+        evidence_scale: ``c`` in ``0 < c ≤ 1``, the shared and evidence compositions weight
+            each window's evidence ``c/W`` instead of ``1/W`` (tempering, below).
 
     Static θ, shared composition. A network trained on windows whose θ copies share one noise
     draw (the sampling situation) returns at every position ``ε̂_j ≈ −σ_t ∇_θ log p_t(x^j, θ_t)``
@@ -148,6 +151,13 @@ def composed_eps(
     frame lies in W windows); in ε form ``ε = ε_p + (1/W) Σ_j (ε̄_j − ε_p)`` with ``ε̄_j`` the
     window's output averaged over its W positions and ``ε_p = σ_t (θ_t − μ_t m)/(μ_t² s² + σ_t²)``
     the Gaussian prior ``N(m, s²)``'s. One window pass, no finite differences.
+
+    Tempering. ``1/W`` counts every transition ``(W − 1)/W`` times but also each window's
+    evidence from the marginal of its states, ``n`` windows of it weighted ``1/W`` where the
+    exact chain likelihood has one: ``n/W`` times. Where consecutive states are nearly the same
+    (slow variables) those marginal evidences repeat one another and the θ posterior is too
+    narrow; ``evidence_scale`` ``c < 1`` tempers the windows' evidence to ``c/W`` (the prior
+    keeps its weight). Not derived from the network: measured on twin windows (docs/smooth.md).
 
     Static θ, evidence composition. The window network was trained on W copies of θ noised
     independently, so shown one shared copy ``θ_t`` at all W positions it reads it as a copy
@@ -182,7 +192,10 @@ def composed_eps(
         raise ValueError(f"window {window} is longer than the trajectory (L = {length})")
     if chunk is not None and (isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1):
         raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
+    if not 0.0 < evidence_scale <= 1.0:
+        raise ValueError(f"evidence_scale must be in (0, 1], got {evidence_scale!r}")
     w, k = int(window), int(window) // 2
+    we = w / evidence_scale  # the evidence weight c/W as a divisor
     n = length - 2 * k  # windows per trajectory
     tb = _batch_t(t, b, x_state)
 
@@ -233,13 +246,13 @@ def composed_eps(
         mu, sig = mu_b[:, None], sig_b[:, None]
         m0, s0 = (v.to(x_theta).reshape(1, -1) for v in theta_prior)  # type: ignore[union-attr]
         e_prior = sig * (c - mu * m0) / (mu * mu * s0 * s0 + sig * sig)
-        return out_s, (e_prior + (window_sum - n * e_prior) / w).unsqueeze(1)
+        return out_s, (e_prior + (window_sum - n * e_prior) / we).unsqueeze(1)
     if evidence:
         c = x_theta[:, 0]  # (B, P): the shared θ_t
         mu, sig = mu_b[:, None], sig_b[:, None]
         r = (sig / mu) ** 2  # noise variance of θ_t / μ_t about θ_0
-        prec = 1.0 + info / w + 1.0 / r
-        theta_hat = (minfo / w + c / (mu * r)) / prec
+        prec = 1.0 + info / we + 1.0 / r
+        theta_hat = (minfo / we + c / (mu * r)) / prec
         return out_s, ((c - mu * theta_hat) / sig).unsqueeze(1)
     if static_theta:
         # The mean over windows: the prior the states put on θ counts as one window's. Counting
@@ -287,17 +300,19 @@ def _window_evidence(
 
 def trajectory_eps(eps_fn: EpsFn, window: int, *, chunk: int | None = None,
                    static_theta: bool = False, schedule: VPSchedule | None = None,
-                   theta_prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> EpsFn:
+                   theta_prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   evidence_scale: float = 1.0) -> EpsFn:
     """``eps_fn`` over windows of ``W`` states turned into one over whole trajectories
     (:func:`composed_eps`), the form :func:`sample_posterior` takes (with ``static_theta``,
     sample with ``theta_frames=1``; with ``schedule`` too, θ by evidence composition, and with
-    ``theta_prior`` as well, by the shared composition)."""
+    ``theta_prior`` as well, by the shared composition; ``evidence_scale`` tempers either)."""
 
     def eps(
         x_state: torch.Tensor, x_theta: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return composed_eps(eps_fn, x_state, x_theta, t, window, chunk=chunk,
-                            static_theta=static_theta, schedule=schedule, theta_prior=theta_prior)
+                            static_theta=static_theta, schedule=schedule, theta_prior=theta_prior,
+                            evidence_scale=evidence_scale)
 
     return eps
 
