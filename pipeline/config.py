@@ -305,6 +305,9 @@ class GenerateConfig(Strict):
     frames: PosInt = 16
     save_every: PosInt = 1
     spinup: NonNegInt = 0
+    # a trajectory whose integration fails (non-finite, or past the model's growth bound) over
+    # one saved interval redoes it with half the step, up to this many times (dt / 2**n)
+    max_refinements: Annotated[int, Field(ge=0, le=10)] = 3
     seed: NonNegInt = 0
     theta: ThetaConfig = Field(default_factory=ThetaConfig)
     dtype: DType = "float32"

@@ -105,11 +105,69 @@ def split_of(cfg: GenerateConfig) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # integration
+class RefinedStepper:
+    """Advances a batch of trajectories, halving a trajectory's step where its integration fails.
+
+    A trajectory that fails the model's check (``model.unstable``: non-finite, or past the
+    model's growth bound) over one piece redoes that piece from its start with half the step,
+    then keeps the smaller step for the rest of its run: the flows that need it are the
+    energetic ones (low drag), and they stay so. Each trajectory's step depends on its own path
+    only, so the numbers still do not depend on its batch; a trajectory that never fails is
+    integrated exactly as with the fixed step.
+
+    Attributes:
+        level: ``(J,)`` int64, each trajectory's halvings so far (its step is ``dt / 2**level``).
+    """
+
+    def __init__(self, model: Any, cfg: GenerateConfig, trajs: Sequence[int]) -> None:
+        self.model, self.trajs = model, list(trajs)
+        self.dt, self.max_level = float(cfg.model.dt), cfg.max_refinements
+        self.level = torch.zeros(len(self.trajs), dtype=torch.int64)
+
+    def __call__(self, x: torch.Tensor, theta: torch.Tensor, steps: int, where: str) -> torch.Tensor:
+        """``x`` ``(J, *state)`` advanced by ``steps`` steps of ``dt`` under ``theta`` ``(J, P)``.
+
+        Raises:
+            DivergenceError: a trajectory still fails at ``dt / 2**max_refinements``.
+        """
+        out: torch.Tensor | None = None
+        todo = torch.arange(x.shape[0])
+        while todo.numel():
+            failed = []
+            for lv in sorted(set(self.level[todo].tolist())):
+                rows = todo[self.level[todo] == lv]
+                whole = rows.numel() == x.shape[0]  # the common case: no gather, no scatter
+                x0, th = (x, theta) if whole else (x[rows], theta[rows])
+                y = self.model.advance(x0, th, steps << lv, self.dt / (1 << lv))
+                bad = self.model.unstable(x0, y, steps * self.dt).cpu()
+                if whole and not bool(bad.any()):
+                    return y
+                out = torch.empty_like(x) if out is None else out
+                out[rows[~bad]] = y[~bad.to(y.device)]
+                failed.append(rows[bad])
+            todo = torch.cat(failed)
+            self.level[todo] += 1
+            over = todo[self.level[todo] > self.max_level]
+            if over.numel():
+                j = int(over[0])
+                raise DivergenceError(
+                    f"trajectory {self.trajs[j]} (θ = {theta[j].tolist()}) became non-finite or "
+                    f"unstable {where}, even at dt = {self.dt / (1 << self.max_level):g} "
+                    f"(max_refinements: {self.max_level}); lower model.dt or raise max_refinements")
+        assert out is not None
+        return out
+
+    def refined(self) -> dict[int, int]:
+        """``{trajectory: halvings}`` of the trajectories whose step was halved."""
+        return {self.trajs[j]: int(self.level[j]) for j in self.level.nonzero().flatten().tolist()}
+
+
 def integrate(
     cfg: GenerateConfig,
     trajs: Sequence[int],
     model: Any | None = None,
     time_blocks: int | None = None,
+    refined: dict[int, int] | None = None,
 ) -> Iterator[tuple[int, dict[str, np.ndarray], float]]:
     """Integrate trajectories ``trajs`` in one batch and yield their shards along time.
 
@@ -118,6 +176,8 @@ def integrate(
         trajs: trajectory indices (the batch).
         model: the built model (built from ``cfg`` when None).
         time_blocks: stop after this many time blocks (all when None).
+        refined: filled before each yield with ``{trajectory: halvings}`` of the trajectories
+            whose step had to be halved so far (:class:`RefinedStepper`).
 
     Yields:
         ``(c, arrays, solve_seconds)`` for time block ``c``: ``arrays[name]`` is
@@ -129,28 +189,28 @@ def integrate(
     model = model if model is not None else cfg.model.build()
     lay = st.layout(cfg, model)
     dtype, device = getattr(torch, cfg.dtype), torch.device(cfg.device)
-    dt = float(cfg.model.dt)
     theta = theta_paths(model, cfg, trajs).to(dtype=dtype, device=device)
     n_space = len(lay.space_dims)
     pools = {g: CoarsePool(model.state_shape, int(cfg.model.size) // g, spatial_ndim=n_space)
              for g in lay.grids if g != int(cfg.model.size)}
     channels = model.state_shape[:-n_space]
     n_blocks = lay.time_blocks if time_blocks is None else min(time_blocks, lay.time_blocks)
+    step = RefinedStepper(model, cfg, trajs)
     t0 = time.perf_counter()
     with torch.no_grad():
         x = initial_states(model, cfg, trajs).to(dtype=dtype, device=device)
-        x = model.advance(x, theta[:, 0], cfg.spinup, dt)
+        # the spin-up in saved-interval pieces, so that a failure is redone from close by
+        for s0 in range(0, cfg.spinup, cfg.save_every):
+            x = step(x, theta[:, 0], min(cfg.save_every, cfg.spinup - s0), "in the spin-up")
         for c in range(n_blocks):
             bufs = {a.name: np.empty((len(trajs), lay.shard_frames, *a.shape[2:]), dtype=cfg.dtype)
                     for a in lay.arrays}
             for i, k in enumerate(lay.frame_range(c)):
                 if k > 0:
-                    x = model.advance(x, theta[:, k - 1], cfg.save_every, dt)
-                if not bool(torch.isfinite(x).all()):
+                    x = step(x, theta[:, k - 1], cfg.save_every, f"by saved time {k}")
+                elif not bool(torch.isfinite(x).all()):  # the initial state itself (no spin-up)
                     bad = int((~torch.isfinite(x.flatten(1)).all(dim=1)).nonzero()[0, 0])
-                    raise DivergenceError(
-                        f"trajectory {trajs[bad]} became non-finite by saved time {k} "
-                        f"(dt={dt} too large for this model/θ?)")
+                    raise DivergenceError(f"trajectory {trajs[bad]}: non-finite initial state")
                 on_grid: dict[int, torch.Tensor] = {int(cfg.model.size): x}
                 for g, pool in pools.items():
                     on_grid[g] = pool(x).reshape(x.shape[0], *channels,
@@ -159,6 +219,8 @@ def integrate(
                     v = on_grid[a.grid] if a.channel is None else on_grid[a.grid][:, a.channel]
                     bufs[a.name][:, i] = v.to("cpu").numpy()
             solve = time.perf_counter() - t0
+            if refined is not None:
+                refined.update(step.refined())
             yield c, bufs, solve
             t0 = time.perf_counter()
 
@@ -173,7 +235,8 @@ def run_block(cfg: GenerateConfig, path: str, b: int, skip: Sequence[int] = ()) 
         skip: time blocks of this trajectory block that are already recorded as finished.
 
     Returns:
-        ``{"block", "written", "solve_s", "write_s", "bytes"}`` for the driver's summary.
+        ``{"block", "written", "solve_s", "write_s", "bytes", "refined"}`` for the driver's
+        summary (``refined``: ``{trajectory: halvings}`` where the step had to be halved).
     """
     import zarr
 
@@ -185,14 +248,16 @@ def run_block(cfg: GenerateConfig, path: str, b: int, skip: Sequence[int] = ()) 
     model = cfg.model.build()
     lay = st.layout(cfg, model)
     todo = [c for c in range(lay.time_blocks) if c not in set(skip)]
-    result: dict[str, Any] = {"block": b, "written": [], "solve_s": 0.0, "write_s": 0.0, "bytes": 0}
+    refined: dict[int, int] = {}
+    result: dict[str, Any] = {"block": b, "written": [], "solve_s": 0.0, "write_s": 0.0, "bytes": 0,
+                              "refined": refined}
     if not todo:
         return result
     group = zarr.open_group(store, mode="r+")
     arrays = {a.name: group[a.name] for a in lay.arrays}
     trajs = lay.block_trajectories(b)
     j0, j1 = trajs.start, trajs.stop
-    for c, bufs, solve in integrate(cfg, trajs, model, time_blocks=max(todo) + 1):
+    for c, bufs, solve in integrate(cfg, trajs, model, time_blocks=max(todo) + 1, refined=refined):
         result["solve_s"] += solve
         if c not in todo:
             continue  # recorded in an earlier run: integrated through, not rewritten
@@ -207,7 +272,9 @@ def run_block(cfg: GenerateConfig, path: str, b: int, skip: Sequence[int] = ()) 
                 raise IntegrityError(f"{store}: shard ({b}, {c}) of {name} read back differently "
                                      "from what was written")
             result["bytes"] += data.nbytes
-        st.write_marker(store, b, c, sums, {"trajectories": [j0, j1], "frames": [f0, f1]})
+        # halvings of this block's trajectories up to the shard's last frame (JSON: str keys)
+        st.write_marker(store, b, c, sums, {"trajectories": [j0, j1], "frames": [f0, f1],
+                                            "refined": {str(j): v for j, v in refined.items()}})
         result["write_s"] += time.perf_counter() - t_start
         result["written"].append(c)
     return result
@@ -294,6 +361,8 @@ class GenerateResult:
     bytes_written: int = 0
     workers: int = 0
     blocks_run: list[int] = field(default_factory=list)
+    #: ``{trajectory: halvings}`` of the trajectories integrated here whose step was halved
+    refined: dict[int, int] = field(default_factory=dict)
 
 
 def generate(cfg: GenerateConfig, out: str | Path | None = None, overwrite: bool = False,
@@ -348,6 +417,13 @@ def _generate(cfg: GenerateConfig, path: Path, overwrite: bool, client: Any | No
     result.seconds = time.perf_counter() - t_start
     echo(f"generate: wrote {result.shards_written} shards ({result.bytes_written / 2**20:.1f} MiB "
          f"raw) in {result.seconds:.1f} s; {skipped} finished shards skipped")
+    if result.refined:
+        dt = float(cfg.model.dt)
+        listed = ", ".join(f"{j} (dt/{1 << v})" for j, v in sorted(result.refined.items())[:8])
+        more = len(result.refined) - 8
+        echo(f"generate: {len(result.refined)} trajectories needed a smaller step than "
+             f"dt = {dt:g}: {listed}{f' and {more} more' if more > 0 else ''} (recorded in "
+             "their shards' markers)")
     return result
 
 
@@ -368,6 +444,7 @@ def _run_tasks(client: Any, cfg: GenerateConfig, path: Path, lay: st.Layout,
                 result.write_s += r["write_s"]
                 result.bytes_written += r["bytes"]
                 result.blocks_run.append(r["block"])
+                result.refined.update(r["refined"])
                 bar.update(lay.per_shard)
         except BaseException:
             client.cancel(futures)

@@ -137,11 +137,18 @@ def pooled_coords(model: Any, space: tuple[str, ...], factor: int) -> dict[str, 
 # config identity
 def hashed_config(cfg: GenerateConfig) -> dict[str, Any]:
     """The part of the config that determines the stored numbers (not ``out``, not the cluster)."""
-    d = cfg.model_dump(mode="json")
+    return _identity(cfg.model_dump(mode="json"))
+
+
+def _identity(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (a dumped generate config, changed in place) less what does not set the numbers."""
     d.pop("out", None)
+    # every trajectory takes the smallest refinement that integrates it; the cap only decides
+    # when to give up, so a finished shard's numbers do not depend on it
+    d.pop("max_refinements", None)
     # torch's intra-op thread count changes results in the last bits (measured: Kolmogorov with
     # 1 vs 2 threads), so it is part of the identity; where and on how many workers is not
-    d["dask"] = {"threads_per_worker": cfg.dask.threads_per_worker}
+    d["dask"] = {"threads_per_worker": (d.get("dask") or {}).get("threads_per_worker")}
     return d
 
 
@@ -288,9 +295,7 @@ def prepare(cfg: GenerateConfig, path: Path, overwrite: bool, theta: np.ndarray,
             raise OutputError(f"{path}: exists and is not a scoreda trajectory store; "
                               "pass --overwrite to replace it")
         if attrs["config_hash"] != config_hash(cfg):
-            old = yaml.safe_load(attrs.get("config", "{}")) or {}
-            old.pop("out", None)
-            old["dask"] = {"threads_per_worker": (old.get("dask") or {}).get("threads_per_worker")}
+            old = _identity(yaml.safe_load(attrs.get("config", "{}")) or {})
             raise OutputError(f"{path}: was generated with a different config "
                               f"({first_difference(old, hashed_config(cfg))}); "
                               "pass --overwrite to replace it")

@@ -21,7 +21,8 @@ from kernels.streams import per_member
 from pipeline import store as st
 from pipeline.cli import main
 from pipeline.config import GenerateConfig, validate
-from pipeline.generate import generate, verify
+from pipeline.generate import generate, integrate, verify
+from pipeline.simulate import DivergenceError
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -154,6 +155,50 @@ def test_theta_walk_is_a_markov_augmented_state(tmp_path, client):
     finally:
         torch.set_num_threads(threads)
     assert verify(out, samples=3, seed=1).ok
+
+
+# dt 0.4 at 16²: the low-drag draw (trajectory 3: ν 6.9e-4, μ 0.036) outruns RK4 in the interval
+# to saved time 7; the other five stay stable
+UNSTABLE = {"model": {"name": "kolmogorov", "size": 16, "dt": 0.4}}
+
+
+def test_a_failing_trajectory_halves_its_step_from_the_failing_interval_on(tmp_path, client):
+    fixed = make_cfg(**UNSTABLE, max_refinements=0)
+    with pytest.raises(DivergenceError, match=r"trajectory 3 .* by saved time 7, even at dt = 0\.4 "
+                                              r"\(max_refinements: 0\)"):
+        list(integrate(fixed, range(6)))
+    cfg = make_cfg(**UNSTABLE)
+    assert cfg.max_refinements == 3
+    # the cap decides only when to give up, never a finished shard's numbers
+    assert st.config_hash(cfg) == st.config_hash(fixed)
+    out, lines = tmp_path / "s.zarr", []
+    res = generate(cfg, out, client=client, echo=lines.append)
+    assert res.refined == {3: 1}
+    assert any("1 trajectories needed a smaller step than dt = 0.4: 3 (dt/2)" in s for s in lines)
+    traj, theta = direct(fixed)  # fixed step, one batch, no check
+    stored = load_arrays(out)["vorticity"]
+    others = [0, 1, 2, 4, 5]
+    np.testing.assert_array_equal(stored[others], traj[others].numpy())  # bit for bit
+    np.testing.assert_array_equal(stored[3, :7], traj[3, :7].numpy())
+    # from frame 6 on: 2 × 2 steps of dt/2; the fixed step's frame 7 had blown up
+    model = cfg.model.build()
+    half = model.advance(traj[3:4, 6], theta[3:4], 4, 0.2)
+    np.testing.assert_array_equal(stored[3, 7], half[0].numpy())
+    assert bool(model.unstable(traj[3:4, 6], traj[3:4, 7], 0.8)) and np.isfinite(stored).all()
+    # the shard of trajectories 2–3 that holds frame 7 records the halving; the earlier one not
+    assert json.loads(st.marker_path(out, 1, 1).read_text())["refined"] == {"3": 1}
+    assert json.loads(st.marker_path(out, 1, 0).read_text())["refined"] == {}
+    assert verify(out, samples=6).ok  # recomputed alone: the same halving, bit for bit
+
+
+def test_a_trajectory_past_every_refinement_stops_the_run_clearly(tmp_path, capsys):
+    cfg = make_cfg(**UNSTABLE, max_refinements=0)
+    path = write_cfg(tmp_path / "g.yaml", cfg)
+    out = tmp_path / "s.zarr"
+    assert main(["generate", str(path), "--out", str(out), "--workers", "1"]) == 1
+    # the last stderr line (distributed may warn before it about a busy dashboard port)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("scoreda: error: trajectory 3 (θ = [") and "max_refinements: 0" in err
 
 
 def test_two_workers_repeated_no_lost_or_corrupt_shards(tmp_path, client):

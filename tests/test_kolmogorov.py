@@ -278,3 +278,36 @@ def test_cpu_matches_cuda(device: torch.device) -> None:
         gpu = m.advance(x.to(device), theta.to(device), 20)
         assert gpu.device.type == "cuda" and gpu.dtype == dtype
         assert _rel(gpu.cpu(), cpu) < tol
+
+
+def test_unstable_flags_a_step_past_rk4s_limit_while_it_is_still_finite(device: torch.device) -> None:
+    """The enstrophy bound ``rms ω₁ ≤ rms ω₀ + elapsed · rms f`` holds along a healthy run
+    (a low-drag flow, every 0.1 for 20 time units) and is broken, with the state still finite,
+    by the first interval where dt 0.2 outruns RK4 at 32²."""
+    m = Kolmogorov(32)
+    theta = _theta([7e-4, 1e-3, 2e-3], [0.035, 0.1, 0.3], device)
+    x = m.initial_state(3, torch.Generator().manual_seed(3), dtype=F64, device=device)
+    for _ in range(200):
+        y = m.advance(x, theta, 5, 0.02)
+        assert not m.unstable(x, y, 0.1).any()
+        x = y
+    x = m.initial_state(1, torch.Generator().manual_seed(3), dtype=F64, device=device)
+    for _ in range(50):
+        y = m.advance(x, theta[:1], 2, 0.2)
+        if bool(m.unstable(x, y, 0.4)):
+            break
+        x = y
+    else:
+        pytest.fail("dt 0.2 at 32² was never flagged")
+    assert torch.isfinite(y).all()
+    # the same interval in ten steps of 0.04 is within the bound
+    assert not m.unstable(x, m.advance(x, theta[:1], 10, 0.04), 0.4).any()
+    # the bound itself: the forcing's share is allowed, a little more is not; NaN is flagged
+    rms_f = 4 / math.sqrt(2)
+    r0 = x.square().mean().sqrt()
+    grown = x * ((r0 + 0.4 * rms_f) / r0) * 0.999
+    assert not m.unstable(x, grown, 0.4).any()
+    assert m.unstable(x, grown * 1.05, 0.4).all()
+    nan = x.clone()
+    nan[0, 3, 3] = float("nan")
+    assert m.unstable(x, nan, 0.4).all()

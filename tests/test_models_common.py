@@ -62,3 +62,13 @@ def test_streams_are_keyed_and_independent():
     torch.testing.assert_close(a[4:], b)  # a member's numbers do not depend on its batch
     g = generator(7, "x", 4)
     torch.testing.assert_close(torch.randn(3, generator=g), a[4])
+
+
+def test_base_unstable_flags_only_non_finite_rows():
+    """Models without a growth bound (Lorenz-96, FHN, KdV) flag non-finite rows only."""
+    m = get_model("lorenz96", 8)
+    x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    after = x * 100.0
+    after[1, 2] = float("inf")
+    after[2, 0] = float("nan")
+    assert m.unstable(x, after, 0.1).tolist() == [False, True, True]

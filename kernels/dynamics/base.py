@@ -226,6 +226,21 @@ class Dynamics(ABC):
         return x
 
 
+    def unstable(self, before: torch.Tensor, after: torch.Tensor, elapsed: float) -> torch.Tensor:
+        """Rows whose integration from ``before`` to ``after`` over time ``elapsed`` failed.
+
+        Args:
+            before: states at the start ``(B, *state_shape)``.
+            after: states ``elapsed`` model time later ``(B, *state_shape)``.
+            elapsed: the model time between them (> 0).
+
+        Returns:
+            ``(B,)`` bool: non-finite rows here; a model with a bound on how fast its state can
+            grow also flags rows that exceed it (an explicit step past its stability limit grows
+            without bound, often for a few steps before it overflows).
+        """
+        return ~torch.isfinite(after.flatten(1)).all(dim=1)
+
 def theta_column(theta: torch.Tensor, index: int, ndim: int) -> torch.Tensor:
     """Column ``index`` of θ ``(B, P)`` shaped ``(B, 1, ..., 1)`` to broadcast over ``ndim`` state axes."""
     return theta[:, index].reshape(-1, *([1] * ndim))
