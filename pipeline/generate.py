@@ -421,7 +421,8 @@ def _generate(cfg: GenerateConfig, path: Path, overwrite: bool, client: Any | No
         dt = float(cfg.model.dt)
         listed = ", ".join(f"{j} (dt/{1 << v})" for j, v in sorted(result.refined.items())[:8])
         more = len(result.refined) - 8
-        echo(f"generate: {len(result.refined)} trajectories needed a smaller step than "
+        n = len(result.refined)
+        echo(f"generate: {n} trajector{'y' if n == 1 else 'ies'} needed a smaller step than "
              f"dt = {dt:g}: {listed}{f' and {more} more' if more > 0 else ''} (recorded in "
              "their shards' markers)")
     return result

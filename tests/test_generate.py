@@ -174,7 +174,7 @@ def test_a_failing_trajectory_halves_its_step_from_the_failing_interval_on(tmp_p
     out, lines = tmp_path / "s.zarr", []
     res = generate(cfg, out, client=client, echo=lines.append)
     assert res.refined == {3: 1}
-    assert any("1 trajectories needed a smaller step than dt = 0.4: 3 (dt/2)" in s for s in lines)
+    assert any("1 trajectory needed a smaller step than dt = 0.4: 3 (dt/2)" in s for s in lines)
     traj, theta = direct(fixed)  # fixed step, one batch, no check
     stored = load_arrays(out)["vorticity"]
     others = [0, 1, 2, 4, 5]

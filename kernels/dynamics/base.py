@@ -225,7 +225,6 @@ class Dynamics(ABC):
                 callback(1)
         return x
 
-
     def unstable(self, before: torch.Tensor, after: torch.Tensor, elapsed: float) -> torch.Tensor:
         """Rows whose integration from ``before`` to ``after`` over time ``elapsed`` failed.
 
@@ -240,6 +239,7 @@ class Dynamics(ABC):
             without bound, often for a few steps before it overflows).
         """
         return ~torch.isfinite(after.flatten(1)).all(dim=1)
+
 
 def theta_column(theta: torch.Tensor, index: int, ndim: int) -> torch.Tensor:
     """Column ``index`` of θ ``(B, P)`` shaped ``(B, 1, ..., 1)`` to broadcast over ``ndim`` state axes."""
