@@ -614,6 +614,12 @@ def test_shared_composition_adds_window_evidence_over_the_prior():
         with pytest.raises(ValueError, match="evidence_scale"):
             composed_eps(eps_fn, xs, xt, t, window, static_theta=True, schedule=SCHED,
                          theta_prior=(m, s), evidence_scale=bad)
+    # where no window evidence is weighted (per-frame θ; the pooled mean of a static θ) a
+    # tempering would be silently ignored: refused
+    for kw in ({"static_theta": False}, {"static_theta": True}):
+        xt_kw = xt if kw["static_theta"] else xt.expand(-1, length, -1)
+        with pytest.raises(ValueError, match="evidence_scale < 1 needs a static θ"):
+            composed_eps(eps_fn, xs, xt_kw, t, window, evidence_scale=0.5, **kw)
 
 
 def test_evidence_tempering_widens_theta_towards_the_prior():

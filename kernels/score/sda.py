@@ -142,7 +142,8 @@ def composed_eps(
             ``static_theta`` and ``schedule`` it selects the shared composition (below), for a
             network trained with one θ noise per window (``theta_noise: shared``).
         evidence_scale: ``c`` in ``0 < c ≤ 1``, the shared and evidence compositions weight
-            each window's evidence ``c/W`` instead of ``1/W`` (tempering, below).
+            each window's evidence ``c/W`` instead of ``1/W`` (tempering, below); refused
+            (``ValueError``) below 1 where θ has no evidence composition.
 
     Static θ, shared composition. A network trained on windows whose θ copies share one noise
     draw (the sampling situation) returns at every position ``ε̂_j ≈ −σ_t ∇_θ log p_t(x^j, θ_t)``
@@ -209,6 +210,10 @@ def composed_eps(
     pooled = x_theta.new_zeros(b, p)  # static θ: Σ over windows of the mean copy ε
     shared = static_theta and schedule is not None and theta_prior is not None and p > 0
     evidence = static_theta and schedule is not None and theta_prior is None and p > 0
+    if evidence_scale != 1.0 and not (shared or evidence):
+        # the pooled mean and per-frame θ weight no window's evidence: a c < 1 would be ignored
+        raise ValueError("evidence_scale < 1 needs a static θ composed from windows' evidence "
+                         "(static_theta with schedule, and P > 0)")
     if shared:
         mu_b, sig_b = (v.to(x_theta) for v in schedule.mu_sigma_theta(tb, tb))
         window_sum = x_theta.new_zeros(b, p)  # Σ_j ε̄_j
