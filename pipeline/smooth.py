@@ -301,6 +301,18 @@ def evaluate(p: Problem, state: torch.Tensor, theta: torch.Tensor,
         out["theta"] = {name: {k: float(v[j]) if v.dtype != torch.bool else bool(v[j])
                                for k, v in summ.items()} | ({"truth": float(truth_th[j])} if t else {})
                         for j, name in enumerate(p.spec["params"])}
+        clip = cfg.sda.theta_clip
+        if clip is not None:
+            # samples whose θ ended on the sampler's bound were set by it, not by the data (a
+            # stiff θ score with few steps runs there: 44 windows at 64 steps, docs/benchmarks.md)
+            norm = p.den.normalizer
+            u = torch.stack([p.model.params[i].to_unconstrained(draws[:, j])
+                             for j, i in enumerate(p.pidx)], dim=-1)
+            z = (u - norm.theta_mean.double().cpu()) / norm.theta_std.double().cpu()
+            at = (z.abs() >= 0.98 * clip).sum(0)  # within 2 %: the last step's noise (~1e-3)
+            out["theta_clip"] = clip
+            for j, name in enumerate(p.spec["params"]):
+                out["theta"][name]["at_clip"] = int(at[j])
         if calibration is not None:
             out["calibration"] = {k: calibration[k] for k in ("level", "pool", "windows", "bound")}
             out["calibration"]["path"] = p.cfg.calibration
@@ -356,6 +368,14 @@ def _interval_note(met: dict[str, Any]) -> list[str]:
             f"calibrated (a 90% interval needs at least 19 samples)"]
 
 
+def _clip_lines(met: dict[str, Any]) -> list[str]:
+    """A warning per parameter with samples on the ``theta_clip`` bound."""
+    return [f"  {t['at_clip']} of {met['samples']} samples of θ {name} ended on sda.theta_clip "
+            f"({met['theta_clip']:g} training sd from its mean): the bound set them, not the data; raise "
+            "sda.steps (a stiff θ score outruns few steps) or shorten the window"
+            for name, t in met.get("theta", {}).items() if t.get("at_clip")]
+
+
 def summary_lines(met: dict[str, Any]) -> list[str]:
     if met.get("condition") == "truth_states":
         lines = [f"θ given the true states (no observations): {met['samples']} samples, "
@@ -365,7 +385,7 @@ def summary_lines(met: dict[str, Any]) -> list[str]:
             lines.append(f"θ {name}: mean {t['mean']:.4g} ± {t['std']:.2g}, 90% [{t['lo']:.4g}, "
                          f"{t['hi']:.4g}], truth {t['truth']:.4g} "
                          f"({'covered' if t['covered'] else 'NOT covered'})")
-        return lines
+        return lines + _clip_lines(met)
     lines = [f"SDA smoothing: {met['samples']} samples; posterior-mean RMSE {met['rmse_mean']:.4f} "
              f"(truth std {met['truth_std']:.3f}), spread {met['spread']:.4f}, CRPS {met['crps']:.4f}",
              f"observation residual std / σ_y: {met['residual_std_over_sigma']:.3f} "
@@ -386,6 +406,7 @@ def summary_lines(met: dict[str, Any]) -> list[str]:
                    if "cal_covered" in t else "")
             lines.append(f"  calibrated {c['level']:.0%} [{t['cal_lo']:.4g}, {t['cal_hi']:.4g}] "
                          f"(mean ± {c['bound'][name]:.2f} sd, from {c['windows']} windows){cov}")
+    lines += _clip_lines(met)
     if "ensf" in met:
         e = met["ensf"]
         lines.append(f"EnSF on the same data ({e['members']} members, filter): analysis RMSE "

@@ -133,6 +133,24 @@ def test_theta_given_the_true_states(tmp_path, model_run):
                  observations={"path": str(tmp_path / "y.nc"), "variable": "y"})
 
 
+def test_theta_on_the_clip_bound_is_counted_and_warned(tmp_path, model_run):
+    """Samples whose θ ended on ``sda.theta_clip`` are the bound's, not the data's: counted per
+    parameter in the metrics and named in the summary; none with the shipped bound (4 sd)."""
+    met = sm.smooth(make_cfg(model_run, samples=4, sda={"steps": 16}, condition="truth_states"),
+                    tmp_path / "free")
+    assert met is not None and met["theta"]["F"]["at_clip"] == 0 and met["theta_clip"] == 4.0
+    assert not any("theta_clip" in line for line in sm.summary_lines(met))
+    # a bound of 0.3 training sd: two samples end on it (z −0.298, −0.299), two inside (−0.23,
+    # +0.13; measured with these seeds)
+    met = sm.smooth(make_cfg(model_run, samples=4, sda={"steps": 16, "theta_clip": 0.3},
+                             condition="truth_states"), tmp_path / "clipped")
+    assert met is not None and met["theta"]["F"]["at_clip"] == 2
+    saved = json.loads((tmp_path / "clipped" / sm.METRICS).read_text())
+    assert saved["theta"]["F"]["at_clip"] == 2
+    assert ("2 of 4 samples of θ F ended on sda.theta_clip (0.3 training sd from its mean)"
+            in (tmp_path / "clipped" / sm.SUMMARY).read_text())
+
+
 @pytest.mark.mpi
 @pytest.mark.skipif(not (BIN / "mpiexec").exists(), reason="no mpiexec in the venv")
 def test_samples_do_not_depend_on_the_rank_count(tmp_path, model_run):
