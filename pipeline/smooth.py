@@ -306,8 +306,7 @@ def evaluate(p: Problem, state: torch.Tensor, theta: torch.Tensor,
             # samples whose θ ended on the sampler's bound were set by it, not by the data (a
             # stiff θ score with few steps runs there: 44 windows at 64 steps, docs/benchmarks.md)
             norm = p.den.normalizer
-            u = torch.stack([p.model.params[i].to_unconstrained(draws[:, j])
-                             for j, i in enumerate(p.pidx)], dim=-1)
+            u = p.model.to_unconstrained(draws, p.pidx)
             z = (u - norm.theta_mean.double().cpu()) / norm.theta_std.double().cpu()
             at = (z.abs() >= 0.98 * clip).sum(0)  # within 2 %: the last step's noise (~1e-3)
             out["theta_clip"] = clip

@@ -29,6 +29,9 @@ def test_params_transforms_and_prior(name):
     th = m.sample_prior(256, torch.Generator().manual_seed(0), dtype=torch.float64)
     assert th.shape == (256, len(m.params))
     torch.testing.assert_close(m.from_unconstrained(m.to_unconstrained(th)), th)
+    sub = list(range(len(m.params)))[::-2]  # a subset, out of order: columns follow ``index``
+    torch.testing.assert_close(m.to_unconstrained(th[:, sub], sub), m.to_unconstrained(th)[:, sub])
+    torch.testing.assert_close(m.from_unconstrained(m.to_unconstrained(th[:, sub], sub), sub), th[:, sub])
     for j, p in enumerate(m.params):
         assert p.lower < p.truth < p.upper
         if p.transform == "log":

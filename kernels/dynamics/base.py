@@ -160,10 +160,12 @@ class Dynamics(ABC):
         z = torch.randn(batch, len(self.params), generator=generator, dtype=torch.float64)
         return self.from_unconstrained(loc + scale * z).to(dtype=dtype, device=device)
 
-    def to_unconstrained(self, theta: torch.Tensor) -> torch.Tensor:
-        """Map θ ``(..., P)`` to the unconstrained space."""
-        cols = [p.to_unconstrained(theta[..., i]) for i, p in enumerate(self.params)]
-        return torch.stack(cols, dim=-1)
+    def to_unconstrained(self, theta: torch.Tensor, index: Sequence[int] | None = None) -> torch.Tensor:
+        """Map θ ``(..., P)`` to the unconstrained space; with ``index``, ``theta`` holds only the
+        parameters ``index`` (the estimated ones), ``(..., len(index))``."""
+        params = self.params if index is None else [self.params[j] for j in index]
+        cols = [p.to_unconstrained(theta[..., k]) for k, p in enumerate(params)]
+        return torch.stack(cols, dim=-1) if cols else theta
 
     def from_unconstrained(self, u: torch.Tensor, index: Sequence[int] | None = None) -> torch.Tensor:
         """Inverse of :meth:`to_unconstrained`, ``(..., P) -> (..., P)``; with ``index``, ``u``
