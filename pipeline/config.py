@@ -284,7 +284,7 @@ class DaskConfig(Strict):
     workers: PosInt | None = None
     threads_per_worker: PosInt = 1
     scheduler: str | None = None
-    dashboard: str = ":8787"
+    dashboard: str | None = ":8787"  # null: no dashboard
     memory_limit: str = "auto"
 
     @field_validator("scheduler")

@@ -286,6 +286,15 @@ def dashboard_available() -> bool:
     return importlib.util.find_spec("bokeh") is not None
 
 
+def _dashboard_options(dcfg: DaskConfig) -> dict[str, Any]:
+    """Scheduler keywords for ``dask.dashboard``. Without a dashboard (null, or no bokeh) the
+    scheduler still serves its plain HTTP routes (health, metrics): on a free port, so that a
+    second cluster on this machine does not find 8787 taken."""
+    if dcfg.dashboard is not None and dashboard_available():
+        return {"dashboard": True, "dashboard_address": dcfg.dashboard}
+    return {"dashboard": False, "dashboard_address": ":0"}
+
+
 def mpi_world_size() -> int:
     """Size of the launcher's MPI world; 1 without a parallel launcher (MPI is not touched then)."""
     sizes = [os.environ.get(v) for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE",
@@ -308,7 +317,7 @@ def start_dask_mpi(dcfg: DaskConfig) -> Any:
 
     try:
         dask_mpi.initialize(nthreads=dcfg.threads_per_worker, memory_limit=dcfg.memory_limit,
-                            dashboard=dashboard_available(), dashboard_address=dcfg.dashboard)
+                            **_dashboard_options(dcfg))
     except dask_mpi.WorldTooSmallException:
         raise ConfigError("generate under MPI needs at least 3 ranks (scheduler, driver, "
                           "worker)") from None
@@ -331,14 +340,19 @@ def dask_client(dcfg: DaskConfig) -> Iterator[Any]:
             yield client
         return
     workers = dcfg.workers or max(1, (os.cpu_count() or 1) // dcfg.threads_per_worker)
+    dash = _dashboard_options(dcfg)
+    # LocalCluster turns the dashboard on for any address; the scheduler keywords override it
     with LocalCluster(n_workers=workers, threads_per_worker=dcfg.threads_per_worker,
                       processes=True, memory_limit=dcfg.memory_limit,
-                      dashboard_address=dcfg.dashboard if dashboard_available() else None) as cluster, \
+                      dashboard_address=dash["dashboard_address"] if dash["dashboard"] else None,
+                      scheduler_kwargs=dash) as cluster, \
             Client(cluster) as client:
         yield client
 
 
-def _describe_dashboard(client: Any) -> str:
+def _describe_dashboard(client: Any, dcfg: DaskConfig) -> str:
+    if dcfg.scheduler is None and dcfg.dashboard is None:
+        return "dashboard: off (dask.dashboard: null)"
     if not dashboard_available():
         return "dashboard: not available (install bokeh to get one)"
     return f"dashboard: {client.dashboard_link}"
@@ -412,7 +426,7 @@ def _generate(cfg: GenerateConfig, path: Path, overwrite: bool, client: Any | No
         if client is None:
             client = stack.enter_context(dask_client(cfg.dask))
         result.workers = len(client.scheduler_info(n_workers=-1)["workers"])
-        echo(f"generate: {result.workers} Dask workers; {_describe_dashboard(client)}")
+        echo(f"generate: {result.workers} Dask workers; {_describe_dashboard(client, cfg.dask)}")
         _run_tasks(client, cfg, path, lay, todo, result)
     result.seconds = time.perf_counter() - t_start
     echo(f"generate: wrote {result.shards_written} shards ({result.bytes_written / 2**20:.1f} MiB "

@@ -192,13 +192,16 @@ def test_a_failing_trajectory_halves_its_step_from_the_failing_interval_on(tmp_p
 
 
 def test_a_trajectory_past_every_refinement_stops_the_run_clearly(tmp_path, capsys):
-    cfg = make_cfg(**UNSTABLE, max_refinements=0)
+    # no dashboard: nothing binds 8787 (which another cluster in this session may hold)
+    cfg = make_cfg(**UNSTABLE, max_refinements=0, dask={"dashboard": None})
     path = write_cfg(tmp_path / "g.yaml", cfg)
     out = tmp_path / "s.zarr"
     assert main(["generate", str(path), "--out", str(out), "--workers", "1"]) == 1
-    # the last stderr line (distributed may warn before it about a busy dashboard port)
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("scoreda: error: trajectory 3 (θ = [") and "max_refinements: 0" in err
+    cap = capsys.readouterr()
+    assert "dashboard: off (dask.dashboard: null)" in cap.out
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("scoreda: error: trajectory 3 (θ = [") and "max_refinements: 0" in err[0]
 
 
 def test_two_workers_repeated_no_lost_or_corrupt_shards(tmp_path, client):
