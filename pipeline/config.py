@@ -238,6 +238,24 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 # --------------------------------------------------------------------------------------------
 # generate: trajectory stores (pipeline/generate.py, pipeline/store.py)
+class PriorSpec(Strict):
+    """Prior of one estimated parameter: ``uniform: [lo, hi]`` in the natural space, or
+    ``normal: [loc, scale]`` in the unconstrained space."""
+
+    uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    normal: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> PriorSpec:
+        if (self.uniform is None) == (self.normal is None):
+            raise _field_error(("uniform",), "give exactly one of uniform or normal")
+        if self.uniform is not None and not self.uniform[0] < self.uniform[1]:
+            raise _field_error(("uniform",), f"lower bound {self.uniform[0]} is not below {self.uniform[1]}")
+        if self.normal is not None and not self.normal[1] > 0:
+            raise _field_error(("normal",), f"scale {self.normal[1]} must be positive")
+        return self
+
+
 class ThetaConfig(Strict):
     """How each trajectory's θ is chosen.
 
@@ -252,6 +270,9 @@ class ThetaConfig(Strict):
     start: Literal["prior", "fixed"] = "prior"
     walk_std: Annotated[float, Field(ge=0)] = 0.02
     walk_reversion: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # per parameter, a prior to draw from instead of the model's (``prior`` mode and a walk's
+    # prior start): e.g. a training store wider than the prior the truths come from
+    prior: dict[str, PriorSpec] = Field(default_factory=dict)
 
 
 class StoreConfig(Strict):
@@ -342,6 +363,23 @@ class GenerateConfig(Strict):
             raise _field_error(("store", "grids"), "give at least one grid size")
         if self.theta.mode == "walk" and self.theta.walk_std == 0:
             raise _field_error(("theta", "walk_std"), "must be > 0 for mode 'walk'")
+        if self.theta.prior:
+            start = self.theta.start if self.theta.mode == "walk" else self.theta.mode
+            if start != "prior":
+                raise _field_error(("theta", "prior"), "only θ drawn from a prior uses it "
+                                   f"(mode {self.theta.mode!r}, start {self.theta.start!r})")
+            known = {p.name: p for p in model_class(self.model.name).params}
+            for name, spec in self.theta.prior.items():
+                if name not in known:
+                    raise _field_error(("theta", "prior", name), f"{self.model.name} has no "
+                                       f"parameter {name!r} (known: {', '.join(known)})")
+                p = known[name]
+                if spec.uniform is not None and not (p.lower <= spec.uniform[0]
+                                                     and spec.uniform[1] <= p.upper
+                                                     and (p.transform != "log" or spec.uniform[0] > 0)):
+                    raise _field_error(("theta", "prior", name, "uniform"),
+                                       f"{spec.uniform} leaves ({p.lower}, {p.upper})"
+                                       + (" or is not positive" if p.transform == "log" else ""))
         return self
 
 
@@ -359,24 +397,6 @@ class ObservationConfig(Strict):
     nonlinearity: Literal["arctan", "saturation"] | None = None
     sigma: Annotated[float, Field(gt=0)] = 1.0
     every: PosInt = 1
-
-
-class PriorSpec(Strict):
-    """Prior of one estimated parameter: ``uniform: [lo, hi]`` in the natural space, or
-    ``normal: [loc, scale]`` in the unconstrained space."""
-
-    uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
-    normal: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> PriorSpec:
-        if (self.uniform is None) == (self.normal is None):
-            raise _field_error(("uniform",), "give exactly one of uniform or normal")
-        if self.uniform is not None and not self.uniform[0] < self.uniform[1]:
-            raise _field_error(("uniform",), f"lower bound {self.uniform[0]} is not below {self.uniform[1]}")
-        if self.normal is not None and not self.normal[1] > 0:
-            raise _field_error(("normal",), f"scale {self.normal[1]} must be positive")
-        return self
 
 
 class ParametersConfig(Strict):

@@ -39,6 +39,7 @@ from pipeline.config import (
     ConfigError,
     DaskConfig,
     GenerateConfig,
+    PriorSpec,
     load_yaml,
     resolve_config_path,
     validate,
@@ -66,8 +67,7 @@ def theta_paths(model: Any, cfg: GenerateConfig, trajs: Sequence[int]) -> torch.
     th = cfg.theta
     start = th.start if th.mode == "walk" else th.mode
     if start == "prior":
-        theta0 = per_member(lambda g: model.sample_prior(1, g, dtype=torch.float64)[0],
-                            cfg.seed, trajs, "theta")
+        theta0 = per_member(lambda g: draw_prior(model, th.prior, g), cfg.seed, trajs, "theta")
     else:
         theta0 = model.truth_theta(len(trajs), cfg.model.params, dtype=torch.float64)
     if th.mode != "walk":
@@ -75,11 +75,49 @@ def theta_paths(model: Any, cfg: GenerateConfig, trajs: Sequence[int]) -> torch.
     p = len(model.params)
     steps = per_member(lambda g: torch.randn(max(cfg.frames - 1, 0), p, generator=g,
                                              dtype=torch.float64), cfg.seed, trajs, "walk")
-    m = torch.tensor([q.prior_loc for q in model.params], dtype=torch.float64)
+    m = prior_centre(model, th.prior)
     u = [model.to_unconstrained(theta0)]
     for k in range(cfg.frames - 1):
         u.append(m + (1.0 - th.walk_reversion) * (u[-1] - m) + th.walk_std * steps[:, k])
     return model.from_unconstrained(torch.stack(u, dim=1))
+
+
+def draw_prior(model: Any, prior: dict[str, PriorSpec], g: torch.Generator) -> torch.Tensor:
+    """One θ ``(P,)`` float64 (natural space) from the model's prior, or ``prior``'s per parameter.
+
+    The same standard normal ``z`` (one per parameter, the draw of ``model.sample_prior``)
+    feeds every form: ``normal: [loc, scale]`` gives ``loc + scale·z`` unconstrained and
+    ``uniform: [lo, hi]`` gives ``lo + (hi − lo)·Φ(z)``, so a trajectory keeps its quantile when
+    only its prior changes, and an empty ``prior`` reproduces the model's draws exactly.
+    """
+    if not prior:
+        return model.sample_prior(1, g, dtype=torch.float64)[0]
+    z = torch.randn(len(model.params), generator=g, dtype=torch.float64)
+    out = []
+    for k, q in enumerate(model.params):
+        spec = prior.get(q.name)
+        if spec is not None and spec.uniform is not None:
+            lo, hi = spec.uniform
+            out.append(lo + (hi - lo) * torch.special.ndtr(z[k]))
+            continue
+        loc, scale = spec.normal if spec is not None else (q.prior_loc, q.prior_scale)
+        out.append(q.from_unconstrained(loc + scale * z[k]))
+    return torch.stack(out)
+
+
+def prior_centre(model: Any, prior: dict[str, PriorSpec]) -> torch.Tensor:
+    """``(P,)`` float64: each prior's centre in the unconstrained space (a walk reverts to it)."""
+    out = []
+    for q in model.params:
+        spec = prior.get(q.name)
+        if spec is None:
+            out.append(q.prior_loc)
+        elif spec.normal is not None:
+            out.append(spec.normal[0])
+        else:
+            ends = q.to_unconstrained(torch.tensor(spec.uniform, dtype=torch.float64))
+            out.append(float(ends.mean()))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def initial_states(model: Any, cfg: GenerateConfig, trajs: Sequence[int]) -> torch.Tensor:

@@ -149,6 +149,9 @@ def _identity(d: dict[str, Any]) -> dict[str, Any]:
     # torch's intra-op thread count changes results in the last bits (measured: Kolmogorov with
     # 1 vs 2 threads), so it is part of the identity; where and on how many workers is not
     d["dask"] = {"threads_per_worker": (d.get("dask") or {}).get("threads_per_worker")}
+    # stores made before theta.prior existed drew from the model's prior: the same numbers
+    if not (d.get("theta") or {}).get("prior", True):
+        d["theta"].pop("prior")
     return d
 
 

@@ -21,7 +21,7 @@ from kernels.streams import per_member
 from pipeline import store as st
 from pipeline.cli import main
 from pipeline.config import GenerateConfig, validate
-from pipeline.generate import generate, integrate, verify
+from pipeline.generate import generate, integrate, theta_paths, verify
 from pipeline.simulate import DivergenceError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +155,49 @@ def test_theta_walk_is_a_markov_augmented_state(tmp_path, client):
     finally:
         torch.set_num_threads(threads)
     assert verify(out, samples=3, seed=1).ok
+
+
+def test_theta_prior_override_keeps_each_trajectory_quantile():
+    base = make_cfg(trajectories=64, store={"trajectories_per_shard": 4})
+    model = base.model.build()
+    trajs = range(64)
+    u0 = theta_paths(model, base, trajs)[:, 0, 0]
+    # no override: the model's own prior draws, bit for bit, and the store identity of before
+    want = per_member(lambda g: model.sample_prior(1, g, dtype=torch.float64)[0], base.seed,
+                      trajs, "theta")[:, 0]
+    torch.testing.assert_close(u0, want, rtol=0, atol=0)
+    assert "prior" not in st.hashed_config(base)["theta"]
+    z = (u0 - 8.0) / 2.0                           # F's prior: N(8, 2²)
+    wide = make_cfg(trajectories=64, store={"trajectories_per_shard": 4},
+                    theta={"prior": {"F": {"normal": [9.0, 3.0]}}})
+    torch.testing.assert_close(theta_paths(model, wide, trajs)[:, 0, 0], 9.0 + 3.0 * z)
+    flat = make_cfg(trajectories=64, store={"trajectories_per_shard": 4},
+                    theta={"prior": {"F": {"uniform": [4.0, 12.0]}}})
+    uni = theta_paths(model, flat, trajs)[:, 0, 0]
+    torch.testing.assert_close(uni, 4.0 + 8.0 * torch.special.ndtr(z))
+    assert 4.0 < float(uni.min()) and float(uni.max()) < 12.0
+    assert len({st.config_hash(c) for c in (base, wide, flat)}) == 3
+    # a walk reverts to the override's centre
+    walk = make_cfg(trajectories=64, store={"trajectories_per_shard": 4},
+                    theta={"mode": "walk", "walk_std": 0.5, "walk_reversion": 0.5,
+                           "prior": {"F": {"normal": [20.0, 0.1]}}})
+    assert abs(float(theta_paths(model, walk, trajs)[:, -1, 0].mean()) - 20.0) < 0.5
+
+
+@pytest.mark.parametrize("theta,needle", [
+    ({"prior": {"G": {"normal": [1.0, 1.0]}}}, "theta.prior.G: lorenz96 has no parameter 'G'"),
+    ({"prior": {"F": {"uniform": [-60.0, 1.0]}}}, "theta.prior.F.uniform: [-60.0, 1.0] leaves"),
+    ({"prior": {"F": {"normal": [1.0, 0.0]}}}, "theta.prior.F.normal: scale 0.0 must be positive"),
+    ({"mode": "fixed", "prior": {"F": {"normal": [1.0, 1.0]}}}, "theta.prior: only θ drawn"),
+])
+def test_bad_theta_prior_is_one_line(tmp_path, capsys, theta, needle):
+    d = make_cfg().model_dump(mode="json")
+    d["theta"] = {**d["theta"], **theta}
+    conf = tmp_path / "bad.yaml"
+    conf.write_text(yaml.safe_dump(d))
+    assert main(["generate", str(conf), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert needle in _one_line_error(capsys)
+    assert not (tmp_path / "x.zarr").exists()
 
 
 # dt 0.4 at 16²: the low-drag draw (trajectory 3: ν 6.9e-4, μ 0.036) outruns RK4 in the interval
