@@ -274,6 +274,11 @@ class ThetaConfig(Strict):
     # prior start): e.g. a training store wider than the prior the truths come from
     prior: dict[str, PriorSpec] = Field(default_factory=dict)
 
+    @property
+    def initial(self) -> Literal["prior", "fixed"]:
+        """Where a trajectory's first θ comes from (a walk starts as ``start`` says)."""
+        return self.start if self.mode == "walk" else self.mode
+
 
 class StoreConfig(Strict):
     """Layout of the Zarr v3 store: stored grids, shards (unit of writing), chunks (of reading)."""
@@ -364,8 +369,7 @@ class GenerateConfig(Strict):
         if self.theta.mode == "walk" and self.theta.walk_std == 0:
             raise _field_error(("theta", "walk_std"), "must be > 0 for mode 'walk'")
         if self.theta.prior:
-            start = self.theta.start if self.theta.mode == "walk" else self.theta.mode
-            if start != "prior":
+            if self.theta.initial != "prior":
                 raise _field_error(("theta", "prior"), "only θ drawn from a prior uses it "
                                    f"(mode {self.theta.mode!r}, start {self.theta.start!r})")
             known = {p.name: p for p in model_class(self.model.name).params}

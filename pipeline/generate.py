@@ -65,8 +65,7 @@ def theta_paths(model: Any, cfg: GenerateConfig, trajs: Sequence[int]) -> torch.
     ``m`` the prior mean, ``r = walk_reversion`` (0: a pure random walk) and ``σ = walk_std``.
     """
     th = cfg.theta
-    start = th.start if th.mode == "walk" else th.mode
-    if start == "prior":
+    if th.initial == "prior":
         theta0 = per_member(lambda g: draw_prior(model, th.prior, g), cfg.seed, trajs, "theta")
     else:
         theta0 = model.truth_theta(len(trajs), cfg.model.params, dtype=torch.float64)
