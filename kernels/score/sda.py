@@ -466,12 +466,24 @@ class FrameCovariance:
         self.basis = torch.stack(vec)[inv]              # (T, m_f, m_f)
         self._on: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
-    def quad(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """``rᵀ Σ⁻¹ r`` per sample: ``r (B, T·m_f)``, ``c (B, 1)`` -> ``(B,)``, dtype of ``r``."""
+    def _like(self, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
         key = (r.dtype, r.device)
         if key not in self._on:  # one copy per dtype and device, not one per call
             self._on[key] = tuple(v.to(r) for v in (self.inv_sigma, self.basis, self.lam))
-        inv_sigma, basis, lam = self._on[key]
+        return self._on[key]
+
+    def matvec(self, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``Σ v`` per sample: ``v (B, T·m_f)``, ``c (B, 1)`` -> ``(B, T·m_f)``;
+        ``Σ_f = S_f^{1/2} (I + c M_f) S_f^{1/2}``."""
+        inv_sigma, basis, lam = self._like(v)
+        b = v.shape[0]
+        z = torch.einsum("tij,bti->btj", basis, v.reshape(b, self.frames, self.m_frame) / inv_sigma)
+        z = z * (1 + c.reshape(b, 1, 1) * lam)
+        return (torch.einsum("tij,btj->bti", basis, z) / inv_sigma).reshape(b, -1)
+
+    def quad(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``rᵀ Σ⁻¹ r`` per sample: ``r (B, T·m_f)``, ``c (B, 1)`` -> ``(B,)``, dtype of ``r``."""
+        inv_sigma, basis, lam = self._like(r)
         b = r.shape[0]
         rw = r.reshape(b, self.frames, self.m_frame) * inv_sigma
         z = torch.einsum("tij,bti->btj", basis, rw)
@@ -516,6 +528,71 @@ def _obs_variance(
     return sy * sy + gamma * scale * ratio2
 
 
+def _tweedie_solve(
+    pred: torch.Tensor,
+    x_t: tuple[torch.Tensor, torch.Tensor],
+    x0: tuple[torch.Tensor, torch.Tensor],
+    cov_scale: tuple[torch.Tensor, torch.Tensor],
+    observe: ObserveFn,
+    y: torch.Tensor,
+    base: Callable[[torch.Tensor], torch.Tensor],
+    steps: int,
+) -> torch.Tensor:
+    """``u ≈ Σ⁻¹ (y − pred)`` per sample, ``Σ = Σ_0 + H C Hᵀ``, by ``steps`` CG steps from 0.
+
+    ``C v = s ⊙ (∂x̂_0/∂x_t)ᵀ v`` per group (``s = σ²/μ`` of the state and of θ, whose clock may
+    lag): one vector–Jacobian product of ``pred`` through the denoiser's retained graph. ``H``
+    applied to it is a Jacobian–vector product of ``observe`` at ``x̂_0`` (detached: its own
+    small graph, by the double-backward identity ``H g = ∂(Hᵀw · g)/∂w``).
+
+    Args:
+        pred: ``observe(x̂_0(x_t))`` ``(B, m)``, with its graph to ``x_t``.
+        x_t: the leaves ``(x_state, x_theta)`` ``pred`` was computed from.
+        x0: ``(x̂_0 state, x̂_0 θ)`` (their values; detached here).
+        cov_scale: ``σ²/μ`` of each group, broadcastable against it.
+        observe, y: as in :func:`posterior_eps`; ``y`` ``(m,)`` or ``(B, m)``.
+        base: ``v (B, m) ↦ Σ_0 v``, the rest of the covariance (σ_y² and SDA's γ term).
+        steps: CG steps (≥ 1).
+
+    Returns:
+        ``(B, m)``, detached. A sample whose curvature ``pᵀΣp`` comes out ≤ 0 (a learnt
+        Jacobian need not be positive semi-definite) keeps its last iterate.
+    """
+    r = (y - pred).detach()
+    leaves = tuple(v.detach().requires_grad_(True) for v in x0)
+    w = torch.zeros_like(r, requires_grad=True)
+    with torch.enable_grad():
+        ht_w = torch.autograd.grad(observe(*leaves), leaves, grad_outputs=w, create_graph=True,
+                                   allow_unused=True)  # Hᵀw, linear in w
+    # groups the observations depend on (θ's usually not: H_θ = 0 drops its block)
+    pairs = [(h, s, x) for h, s, x in zip(ht_w, cov_scale, x_t, strict=True) if h is not None]
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        if not pairs:
+            return base(v)
+        jt = torch.autograd.grad(pred, [x for _, _, x in pairs], grad_outputs=v, retain_graph=True,
+                                 allow_unused=True)
+        cv = [s * g if g is not None else torch.zeros_like(x) for (_, s, x), g in zip(pairs, jt, strict=True)]
+        hcv = torch.autograd.grad([h for h, _, _ in pairs], w, grad_outputs=cv, retain_graph=True)[0]
+        return base(v) + hcv
+
+    u = torch.zeros_like(r)
+    res, p = r.clone(), r.clone()
+    rs = res.square().sum(1, keepdim=True)
+    live, one = torch.ones_like(rs, dtype=torch.bool), torch.ones_like(rs)
+    for _ in range(steps):
+        ap = matvec(p)
+        pap = (p * ap).sum(1, keepdim=True)
+        live = live & (pap > 0) & (rs > 0)  # a finished or indefinite row stops where it is
+        alpha = torch.where(live, rs / torch.where(live, pap, one), 0.0)
+        u = u + alpha * p
+        res = res - alpha * ap
+        rs_new = res.square().sum(1, keepdim=True)
+        p = res + torch.where(live, rs_new / torch.where(live, rs, one), 0.0) * p
+        rs = rs_new
+    return u.detach()
+
+
 def posterior_eps(
     eps_fn: EpsFn,
     schedule: VPSchedule,
@@ -529,8 +606,21 @@ def posterior_eps(
     *,
     gamma_scale: float | torch.Tensor | FrameCovariance | None = None,
     theta_guidance: bool = True,
+    cg_steps: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior noise ``ε̂ − σ_t ∇_{x_t} log N(y | observe(x̂_0), σ_y² + γ (σ_t/μ_t)²)``.
+    """Posterior noise ``ε̂ − σ_t ∇_{x_t} log N(y | observe(x̂_0), Σ_t)``.
+
+    ``Σ_t`` is SDA's ``σ_y² + γ (σ_t/μ_t)²`` (``cg_steps = 0``); with ``cg_steps ≥ 1`` Tweedie's
+    covariance ``H Cov[x_0 | x_t] Hᵀ``, ``Cov[x_0 | x_t] = (σ_t²/μ_t) ∂x̂_0/∂x_t``, is added to it
+    (with ``γ = 0`` this is the moment-matched likelihood of Rozet et al., 2024, "MMPS": exact for
+    a Gaussian prior, and the spread of components far from any observation follows what the
+    denoiser is unsure of instead of one scalar for all). ``Σ_t⁻¹ r`` is solved by ``cg_steps``
+    conjugate-gradient steps per sample, each one vector–Jacobian product through the denoiser
+    (its Jacobian taken as symmetric, which the exact one is); ``H`` is ``observe``'s Jacobian at
+    ``x̂_0``; ``Σ_t`` is held fixed in the gradient, as in MMPS. Why keep ``γ``: through a
+    *trained* network Tweedie's covariance at high noise is the small difference of two large
+    terms, ``(σ_t/μ_t)² (I − σ_t ∂ε̂/∂x_t)``, and its errors let the guidance overshoot (measured:
+    Lorenz-96 and Kolmogorov samples run off with ``γ = 0``); ``γ``'s term, large there, holds it.
 
     The gradient goes by autograd through ``eps_fn`` (``x̂_0 = (x_t − σ_t ε̂)/μ_t``), as in SDA;
     it is taken of the sum of the samples' log-likelihoods, which is each sample's own gradient
@@ -552,6 +642,9 @@ def posterior_eps(
             :class:`FrameCovariance`, which then carries ``σ_y`` too (``sigma_y`` unused).
         theta_guidance: whether the likelihood gradient also reaches θ (through the
             denoiser); False leaves θ's ε the prior's (:class:`SDASettings`).
+        cg_steps: 0 for SDA's ``γ`` variance; ``k ≥ 1`` adds Tweedie's covariance, solved by
+            ``k`` CG steps (``sigma_y`` must then be the observation noise std, also with a
+            :class:`FrameCovariance`).
 
     Returns:
         ``ε_post`` for the state ``(B, L, C, *spatial)`` and θ ``(B, L, P)``, detached.
@@ -571,14 +664,27 @@ def posterior_eps(
             raise ValueError(f"y has shape {tuple(y.shape)}; expected ({pred.shape[1]},) or "
                              f"{tuple(pred.shape)}")
         mu_y, sig_y = schedule.mu_sigma(tb, pred)
-        if isinstance(gamma_scale, FrameCovariance):
-            if pred.shape[1] != gamma_scale.frames * gamma_scale.m_frame:
-                raise ValueError(f"observe gives {pred.shape[1]} observations; the covariance "
-                                 f"is for {gamma_scale.frames} × {gamma_scale.m_frame}")
-            c = gamma * (sig_y / mu_y) ** 2 * torch.ones(b, 1, dtype=pred.dtype, device=pred.device)
-            log_p = -0.5 * gamma_scale.quad(y.to(pred) - pred, c).sum()
+        ratio2 = (sig_y / mu_y) ** 2 * torch.ones(b, 1, dtype=pred.dtype, device=pred.device)
+        fc = gamma_scale if isinstance(gamma_scale, FrameCovariance) else None
+        if fc is not None and pred.shape[1] != fc.frames * fc.m_frame:
+            raise ValueError(f"observe gives {pred.shape[1]} observations; the covariance "
+                             f"is for {fc.frames} × {fc.m_frame}")
+        var = None if fc is not None else _obs_variance(sigma_y, gamma, gamma_scale, ratio2, pred)
+        if cg_steps > 0:
+            def base(v: torch.Tensor) -> torch.Tensor:  # σ_y² + SDA's γ term (γ = 0: MMPS's)
+                return fc.matvec(v, gamma * ratio2) if fc is not None else var * v
+
+            u = _tweedie_solve(pred, (xs, xt), ((xs - sig_s * es) / mu_s, (xt - sig_t * et) / mu_t),
+                               (sig_s**2 / mu_s, sig_t**2 / mu_t), observe, y.to(pred), base,
+                               cg_steps)
+            gs, gt = torch.autograd.grad(pred, (xs, xt), grad_outputs=u, allow_unused=True)
+            gt = gt if theta_guidance else None
+            gs = torch.zeros_like(xs) if gs is None else gs
+            gt = torch.zeros_like(xt) if gt is None else gt
+            return (es - sig_s * gs).detach(), (et - sig_t * gt).detach()
+        if fc is not None:
+            log_p = -0.5 * fc.quad(y.to(pred) - pred, gamma * ratio2).sum()
         else:
-            var = _obs_variance(sigma_y, gamma, gamma_scale, (sig_y / mu_y) ** 2, pred)
             log_p = -0.5 * ((y.to(pred) - pred).square() / var).sum()
         if theta_guidance:
             gs, gt = torch.autograd.grad(log_p, (xs, xt), allow_unused=True)
@@ -621,6 +727,10 @@ class SDASettings:
             narrower with observations than from the true states, and not covering the truth;
             False: both parameters covered, docs/benchmarks.md). On the analytic chain the two
             agree (θ sd 0.565 either way, Kalman 0.512).
+        likelihood_cg: 0 for SDA's likelihood variance ``σ_y² + γ (σ_t/μ_t)²``; ``k ≥ 1`` adds
+            Tweedie's covariance through the denoiser, ``H (σ_t²/μ_t) ∂x̂_0/∂x_t Hᵀ``, solved by
+            ``k`` conjugate-gradient steps (:func:`posterior_eps`; each costs one more backward
+            pass through the network; ``γ = 0`` then gives MMPS).
     """
 
     steps: int = 256
@@ -631,6 +741,7 @@ class SDASettings:
     noise_block: int = 1 << 20
     theta_clip: float | None = None
     theta_guidance: bool = True
+    likelihood_cg: int = 0
 
     def __post_init__(self) -> None:
         def _int(name: str, low: int) -> None:
@@ -649,6 +760,7 @@ class SDASettings:
         _real("gamma", lambda v: v >= 0, "a finite number >= 0")
         _real("ddim_eta", lambda v: 0 <= v <= 1, "a number in [0, 1]")
         _int("noise_block", 1)
+        _int("likelihood_cg", 0)
         if self.theta_clip is not None:
             _real("theta_clip", lambda v: v > 0, "None or a finite number > 0")
 
@@ -764,7 +876,8 @@ def sample_posterior(
             es, et = eps_fn(xs, xt, torch.full((b,), t, dtype=dtype, device=dev))
         else:
             es, et = posterior_eps(eps_fn, schedule, xs, xt, t, observe, y, sigma_y, s.gamma,
-                                   gamma_scale=gamma_scale, theta_guidance=s.theta_guidance)
+                                   gamma_scale=gamma_scale, theta_guidance=s.theta_guidance,
+                                   cg_steps=s.likelihood_cg)
         if project_state is not None:
             mu, sig = ms(t)  # σ ≥ the schedule's η > 0
             es = (xs - mu * project_state((xs - sig * es) / mu)) / sig
