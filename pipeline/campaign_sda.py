@@ -161,7 +161,8 @@ class WindowFilter:
         self.frame_shape = (int(spec["channels"]), *(int(v) for v in spec["spatial"]))
         self.settings = SDASettings(steps=s.steps, corrector=s.corrector, tau=s.tau,
                                     gamma=s.gamma, ddim_eta=s.ddim_eta,
-                                    theta_clip=s.theta_clip, theta_guidance=s.theta_guidance)
+                                    theta_clip=s.theta_clip, theta_guidance=s.theta_guidance,
+                                    likelihood_cg=s.likelihood_cg)
         self.eps = composed_model_eps(self.den, spec, self.static_theta, s.theta_composition,
                                       "filter.sda", s.theta_evidence_scale)
         # (σ_t/μ_t)² is a variance per normalised state entry and y is physical: γ is scaled

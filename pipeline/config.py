@@ -458,6 +458,10 @@ class SDAConfig(Strict):
     # whether the likelihood's gradient also moves θ through the denoiser (false: θ follows the
     # sampled states only — y is independent of θ given them; docs/smooth.md)
     theta_guidance: bool = True
+    # 0: the likelihood variance above (γ); k ≥ 1: plus Tweedie's covariance of x̂_0 through
+    # the denoiser, H (σ_t²/μ_t) ∂x̂_0/∂x_t Hᵀ, solved by k conjugate-gradient steps (each one
+    # more backward pass; docs/smooth.md "Likelihood covariance")
+    likelihood_cg: NonNegInt = 0
 
 
 class CampaignSDAConfig(SDAConfig):

@@ -181,7 +181,8 @@ class Problem:
         s = cfg.sda
         settings = SDASettings(steps=s.steps, corrector=s.corrector, tau=s.tau, gamma=s.gamma,
                                ddim_eta=s.ddim_eta, theta_clip=s.theta_clip,
-                               theta_guidance=s.theta_guidance)
+                               theta_guidance=s.theta_guidance,
+                               likelihood_cg=s.likelihood_cg)
         observe = make_window_observe(den.normalizer, self.op, self.times, self.model.state_shape)
         # (σ_t/μ_t)² is a variance per normalised state entry; the observations are physical:
         # scale γ by what such a white perturbation gives each observation (a point: the
