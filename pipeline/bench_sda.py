@@ -7,9 +7,11 @@ sampled with ``sample_posterior`` (guided by observations of every 4th variable 
 8× pool). The floor is one guided ε evaluation of the same batch — all windows of all samples
 through the network, forward and backward for the likelihood gradient
 (:func:`kernels.score.sda.posterior_eps`) — times the number the sampler makes,
-``steps · (1 + corrector)``, measured moments before in the same process with one thread. The
-ratio is then the sampler's own overhead (noise, updates, assembly); ``extra`` holds seconds per
-sample, per window evaluation, and the extrapolation to the shipped configs' 256 steps.
+``steps · (1 + corrector)`` (with the Tweedie likelihood, ``sda.likelihood_cg`` = k: one forward
+and k + 1 backward passes each, no corrector), measured moments before in the same process
+with one thread. The ratio is then the sampler's own overhead (noise, updates, assembly);
+``extra`` holds seconds per sample, per window evaluation, and the extrapolation to the shipped
+configs' 256 steps.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pipeline.bench import Entry, Floors, suite
 
 def _case(name: str, kind: str, options: dict, spatial: tuple[int, ...], channels: int, params: int,
           length: int, samples: int, steps: int, op_kind: str, op_opts: dict, floors: Floors,
-          repeats: int) -> Entry:
+          repeats: int, cg: int = 0) -> Entry:
     torch.manual_seed(0)
     window = 5
     net = build_network(kind, window=window, channels=channels, spatial=spatial, n_params=params,
@@ -48,13 +50,14 @@ def _case(name: str, kind: str, options: dict, spatial: tuple[int, ...], channel
     observe = make_window_observe(den.normalizer, op, times, state_shape)
     y = torch.zeros(length * op.m)
     eps = trajectory_eps(den.eps, window, static_theta=True)
-    settings = SDASettings(steps=steps, corrector=1, tau=0.25, gamma=0.1)
+    # the Tweedie likelihood (cg ≥ 1) replaces the corrector's second evaluation by its CG steps
+    settings = SDASettings(steps=steps, corrector=0 if cg else 1, tau=0.25, gamma=0.1, likelihood_cg=cg)
     shape = (length, channels, *spatial)
 
     def one_eval() -> None:
         xs = torch.randn(samples, *shape)
         xt = torch.randn(samples, 1, params)
-        posterior_eps(eps, den.schedule, xs, xt, 0.5, observe, y, 0.5, 0.1)
+        posterior_eps(eps, den.schedule, xs, xt, 0.5, observe, y, 0.5, 0.1, cg_steps=cg)
 
     one_eval()
     best_eval = float("inf")
@@ -76,7 +79,8 @@ def _case(name: str, kind: str, options: dict, spatial: tuple[int, ...], channel
     print(f"[sda] {name}: {total / samples:.2f} s per sample at {steps} steps "
           f"(~{extra['seconds_per_sample_at_256_steps']:.1f} s at 256), "
           f"{best_eval / windows * 1e3:.2f} ms per window evaluation", flush=True)
-    return Entry("sda", name, total, f"{evals} guided ε evaluations (forward + backward)",
+    what = "forward + backward" if not cg else f"forward + {cg + 1} backward, {cg} CG steps"
+    return Entry("sda", name, total, f"{evals} guided ε evaluations ({what})",
                  evals * best_eval, note="ratio = sampler wall / network evaluations", extra=extra)
 
 
@@ -92,6 +96,9 @@ def sda_suite(floors: Floors, repeats: int) -> list[Entry]:
             _case(f"lorenz96 40, ring w64 d4, L=32, {4 if q else 8} samples", "ring",
                   {"width": 64, "depth": 4}, (40,), 1, 1, 32, 4 if q else 8, 4 if q else 32,
                   "every_kth", {"k": 4}, floors, repeats),
+            _case(f"lorenz96 40, ring w64 d4, L=32, {4 if q else 8} samples, likelihood_cg 1, "
+                  "no corrector", "ring", {"width": 64, "depth": 4}, (40,), 1, 1, 32,
+                  4 if q else 8, 4 if q else 32, "every_kth", {"k": 4}, floors, repeats, cg=1),
             _case("kolmogorov 128², U-Net w16 (1,2,2,4), L=8, 2 samples", "unet",
                   {"width": 16, "mults": (1, 2, 2, 4)}, (128, 128), 1, 2, 8, 2, 2 if q else 4,
                   "coarse_pool", {"factor": 8}, floors, repeats),

@@ -39,7 +39,8 @@ def test_sda_suite_quick():
     """The sampler is bound by its network evaluations: wall ≈ steps·(1 + C) guided ε calls."""
     result = run_bench(["sda"], quick=True, repeats=1)
     entries = result["entries"]
-    assert [e["suite"] for e in entries] == ["sda", "sda"]
+    assert [e["suite"] for e in entries] == ["sda", "sda", "sda"]
+    assert "2 backward, 1 CG steps" in entries[1]["floor"], entries[1]
     for e in entries:
         assert e["extra"]["seconds_per_sample"] > 0
         assert 0.5 < e["ratio"] < 3.0, e  # measured 0.98-1.01 on a quiet machine
