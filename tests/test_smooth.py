@@ -92,6 +92,14 @@ def test_theta_composition_follows_the_training_noise(tmp_path, model_run, train
     sm.smooth(cfg, tmp_path / "states_only")
     th = xr.open_zarr(tmp_path / "states_only" / sm.STORE, consolidated=False)["theta"].values
     assert np.isfinite(th).all() and not np.allclose(th, out["pooled"])
+    # so does `likelihood_cg` (Tweedie's covariance added to γ's): the same streams, other states
+    states = {}
+    for name, extra in (("gamma", {}), ("tweedie", {"likelihood_cg": 1})):
+        sm.smooth(make_cfg(model_run, samples=4, sda={"steps": 12, **extra}), tmp_path / name)
+        states[name] = xr.open_zarr(tmp_path / name / sm.STORE, consolidated=False)["x"].values
+    assert np.isfinite(states["tweedie"]).all() and not np.allclose(states["tweedie"], states["gamma"])
+    with pytest.raises(ConfigError, match="sda.likelihood_cg"):
+        make_cfg(model_run, sda={"likelihood_cg": -1})
 
     shared = train_l96_window_model(model_run.parent, 150, name="shared", theta_noise="shared")
     assert tr.load_model(shared)[1]["theta_noise"] == "shared"
@@ -264,10 +272,13 @@ def test_kolmogorov_velocity_observations(tmp_path, make_kolmogorov_store):
                      "checkpoint_every": 30, "optim": {"lr": 3e-3, "warmup": 5}}, TrainConfig)
     assert tr.start(tcfg, tmp_path / "run") == tr.EXIT_DONE
     for obs, m in (({"kind": "coarse_velocity", "options": {"factor": 4}, "sigma": 0.05}, 32),
-                   ({"kind": "every_kth", "options": {"k": 4}, "sigma": 0.1}, 16)):
+                   ({"kind": "every_kth", "options": {"k": 4}, "sigma": 0.1}, 16),
+                   ({"kind": "coarse_velocity", "options": {"factor": 4}, "sigma": 0.05,
+                     "likelihood_cg": 2}, 32)):
+        cg = obs.pop("likelihood_cg", 0)  # Tweedie's covariance added to the full per-frame one
         cfg = make_cfg(tmp_path / "run", start=1, length=4, samples=2, observation=obs,
-                       sda={"steps": 8})
-        out = tmp_path / obs["kind"]
+                       sda={"steps": 8, "likelihood_cg": cg})
+        out = tmp_path / f"{obs['kind']}{cg}"
         met = sm.smooth(cfg, out)
         assert met is not None and np.isfinite(met["rmse_mean"])
         ds = xr.open_zarr(out / sm.STORE, consolidated=False)
