@@ -50,7 +50,7 @@ def _case(name: str, kind: str, options: dict, spatial: tuple[int, ...], channel
     observe = make_window_observe(den.normalizer, op, times, state_shape)
     y = torch.zeros(length * op.m)
     eps = trajectory_eps(den.eps, window, static_theta=True)
-    # the Tweedie likelihood (cg ≥ 1) replaces the corrector's second evaluation by its CG steps
+    # with the Tweedie likelihood (cg ≥ 1) the predictor runs alone, as it can on a Gaussian prior
     settings = SDASettings(steps=steps, corrector=0 if cg else 1, tau=0.25, gamma=0.1, likelihood_cg=cg)
     shape = (length, channels, *spatial)
 

@@ -643,8 +643,7 @@ def posterior_eps(
         theta_guidance: whether the likelihood gradient also reaches θ (through the
             denoiser); False leaves θ's ε the prior's (:class:`SDASettings`).
         cg_steps: 0 for SDA's ``γ`` variance; ``k ≥ 1`` adds Tweedie's covariance, solved by
-            ``k`` CG steps (``sigma_y`` must then be the observation noise std, also with a
-            :class:`FrameCovariance`).
+            ``k`` CG steps.
 
     Returns:
         ``ε_post`` for the state ``(B, L, C, *spatial)`` and θ ``(B, L, P)``, detached.
