@@ -920,22 +920,26 @@ def test_frame_covariance_quadratic_form_is_the_dense_one(device):
             FrameCovariance(kk, ss, frames)
 
 
-def test_posterior_eps_with_correlated_observations_matches_closed_form():
-    """As :func:`test_posterior_eps_matches_closed_form`, for a dense per-frame operator ``M``
-    with the full ``Σ_f = σ_f² I + γ (σ/μ)² M Mᵀ``; :func:`likelihood_scale` gives the diagonal
-    for a selection and this covariance for overlapping rows."""
-    length, sites, t, gamma = 8, 4, 0.4, 0.05
-    times = torch.tensor([1, 6])
-    g = torch.Generator().manual_seed(8)
+def _dense_rows_case(seed: int, b: int, length: int, sites: int, times: torch.Tensor):
+    """A dense 3 × ``sites`` operator ``M`` on frames ``times``, states ``(b, length, 1, sites)``
+    and observations ``(b, 3 · len(times))`` drawn from ``seed``, and ``observe``."""
+    g = torch.Generator().manual_seed(seed)
     mat = torch.randn(3, sites, generator=g, dtype=F64)
-    x = torch.randn(5, length, 1, sites, generator=g, dtype=F64)
-    xt = x.new_zeros(5, length, 0)
-    y = torch.randn(5, 6, generator=g, dtype=F64)
-    sy = 0.3
+    x = torch.randn(b, length, 1, sites, generator=g, dtype=F64)
+    y = torch.randn(b, 3 * len(times), generator=g, dtype=F64)
 
     def observe(s, p):
         return torch.einsum("ms,bts->btm", mat, s[:, times, 0, :]).reshape(s.shape[0], -1)
 
+    return mat, x, x.new_zeros(b, length, 0), y, observe
+
+
+def test_posterior_eps_with_correlated_observations_matches_closed_form():
+    """As :func:`test_posterior_eps_matches_closed_form`, for a dense per-frame operator ``M``
+    with the full ``Σ_f = σ_f² I + γ (σ/μ)² M Mᵀ``; :func:`likelihood_scale` gives the diagonal
+    for a selection and this covariance for overlapping rows."""
+    length, sites, t, gamma, sy, times = 8, 4, 0.4, 0.05, 0.3, torch.tensor([1, 6])
+    mat, x, xt, y, observe = _dense_rows_case(8, 5, length, sites, times)
     fc = FrameCovariance(mat @ mat.T, sy, 2)
     es, _ = posterior_eps(ar1_eps(), SCHED, x, xt, t, observe, y, sy, gamma, gamma_scale=fc)
     mu, sig, jac = _ar1_denoiser_jacobian(length, t)
@@ -959,17 +963,8 @@ def test_posterior_eps_with_correlated_observations_matches_closed_form():
 def test_tweedie_covariance_adds_to_the_gamma_one():
     """With ``γ > 0`` and overlapping rows the CG path solves ``Σ = σ_y² I + γ (σ/μ)² M Mᵀ (per
     frame) + (σ²/μ) H J Hᵀ`` (J couples the frames): against dense algebra, converged."""
-    length, sites, t, gamma, sy = 8, 4, 0.4, 0.05, 0.3
-    times = torch.tensor([1, 6])
-    g = torch.Generator().manual_seed(9)
-    mat = torch.randn(3, sites, generator=g, dtype=F64)
-    x = torch.randn(3, length, 1, sites, generator=g, dtype=F64)
-    xt = x.new_zeros(3, length, 0)
-    y = torch.randn(3, 6, generator=g, dtype=F64)
-
-    def observe(s, p):
-        return torch.einsum("ms,bts->btm", mat, s[:, times, 0, :]).reshape(s.shape[0], -1)
-
+    length, sites, t, gamma, sy, times = 8, 4, 0.4, 0.05, 0.3, torch.tensor([1, 6])
+    mat, x, xt, y, observe = _dense_rows_case(9, 3, length, sites, times)
     fc = FrameCovariance(mat @ mat.T, sy, 2)
     es, _ = posterior_eps(ar1_eps(), SCHED, x, xt, t, observe, y, sy, gamma, gamma_scale=fc,
                           cg_steps=6)
