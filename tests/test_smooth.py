@@ -271,11 +271,10 @@ def test_kolmogorov_velocity_observations(tmp_path, make_kolmogorov_store):
                      "batch_size": 8, "steps": 30, "log_every": 10, "validate_every": 30,
                      "checkpoint_every": 30, "optim": {"lr": 3e-3, "warmup": 5}}, TrainConfig)
     assert tr.start(tcfg, tmp_path / "run") == tr.EXIT_DONE
-    for obs, m in (({"kind": "coarse_velocity", "options": {"factor": 4}, "sigma": 0.05}, 32),
-                   ({"kind": "every_kth", "options": {"k": 4}, "sigma": 0.1}, 16),
-                   ({"kind": "coarse_velocity", "options": {"factor": 4}, "sigma": 0.05,
-                     "likelihood_cg": 2}, 32)):
-        cg = obs.pop("likelihood_cg", 0)  # Tweedie's covariance added to the full per-frame one
+    velocity = {"kind": "coarse_velocity", "options": {"factor": 4}, "sigma": 0.05}
+    # the last: Tweedie's covariance added to the velocities' full per-frame one
+    for obs, m, cg in ((velocity, 32, 0), ({"kind": "every_kth", "options": {"k": 4}, "sigma": 0.1}, 16, 0),
+                       (velocity, 32, 2)):
         cfg = make_cfg(tmp_path / "run", start=1, length=4, samples=2, observation=obs,
                        sda={"steps": 8, "likelihood_cg": cg})
         out = tmp_path / f"{obs['kind']}{cg}"
