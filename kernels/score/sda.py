@@ -676,19 +676,17 @@ def posterior_eps(
             u = _tweedie_solve(pred, (xs, xt), ((xs - sig_s * es) / mu_s, (xt - sig_t * et) / mu_t),
                                (sig_s**2 / mu_s, sig_t**2 / mu_t), observe, y.to(pred), base,
                                cg_steps)
-            gs, gt = torch.autograd.grad(pred, (xs, xt), grad_outputs=u, allow_unused=True)
-            gt = gt if theta_guidance else None
-            gs = torch.zeros_like(xs) if gs is None else gs
-            gt = torch.zeros_like(xt) if gt is None else gt
-            return (es - sig_s * gs).detach(), (et - sig_t * gt).detach()
-        if fc is not None:
-            log_p = -0.5 * fc.quad(y.to(pred) - pred, gamma * ratio2).sum()
+            target, outputs = pred, u  # ∇ log N with Σ held fixed: (∂pred/∂x)ᵀ Σ⁻¹ r
         else:
-            log_p = -0.5 * ((y.to(pred) - pred).square() / var).sum()
+            if fc is not None:
+                log_p = -0.5 * fc.quad(y.to(pred) - pred, gamma * ratio2).sum()
+            else:
+                log_p = -0.5 * ((y.to(pred) - pred).square() / var).sum()
+            target, outputs = log_p, None
         if theta_guidance:
-            gs, gt = torch.autograd.grad(log_p, (xs, xt), allow_unused=True)
+            gs, gt = torch.autograd.grad(target, (xs, xt), grad_outputs=outputs, allow_unused=True)
         else:
-            (gs,), gt = torch.autograd.grad(log_p, (xs,), allow_unused=True), None
+            (gs,), gt = torch.autograd.grad(target, (xs,), grad_outputs=outputs, allow_unused=True), None
     gs = torch.zeros_like(xs) if gs is None else gs
     gt = torch.zeros_like(xt) if gt is None else gt
     return (es - sig_s * gs).detach(), (et - sig_t * gt).detach()
