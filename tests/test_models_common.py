@@ -75,3 +75,47 @@ def test_base_unstable_flags_only_non_finite_rows():
     after[1, 2] = float("inf")
     after[2, 0] = float("nan")
     assert m.unstable(x, after, 0.1).tolist() == [False, True, True]
+
+
+def test_advance_refined_halves_the_step_of_failing_rows_only():
+    """A row that fails is redone from its start at half the step, as often as it needs; the
+    others keep the plain step's numbers, and a row's result does not depend on its batch."""
+    m = get_model("kolmogorov", 16)
+    th1 = m.truth_theta(1, {}, dtype=torch.float64)
+    x = m.advance(m.initial_state(1, torch.Generator().manual_seed(0), dtype=torch.float64), th1,
+                  100, 0.1)
+    # scaled by 4 (6) the spun-up flow outruns RK4 at dt 0.2 and needs dt/2 (dt/4)
+    batch, th = torch.cat([x, 4 * x, 1.5 * x, 6 * x]), th1.expand(4, -1)
+    start = torch.zeros(4, dtype=torch.int64)
+    y, level = m.advance_refined(batch, th, 4, 0.2, start, 3)
+    assert level.tolist() == [0, 1, 0, 2] and start.tolist() == [0, 0, 0, 0]
+    fixed = m.advance(batch, th, 4, 0.2)
+    assert not torch.isfinite(fixed[[1, 3]]).all() and torch.isfinite(y).all()
+    assert torch.equal(y[[0, 2]], fixed[[0, 2]])  # the plain step, bit for bit
+    for i, lv in enumerate(level.tolist()):
+        alone = m.advance(batch[i:i + 1], th[i:i + 1], 4 << lv, 0.2 / (1 << lv))
+        torch.testing.assert_close(y[i:i + 1], alone, rtol=1e-12, atol=1e-12)
+        y1, lv1 = m.advance_refined(batch[i:i + 1], th[i:i + 1], 4, 0.2, start[:1], 3)
+        torch.testing.assert_close(y1, y[i:i + 1], rtol=1e-12, atol=1e-12)
+        assert lv1.tolist() == [lv]
+    # no refinement allowed: failing rows come back past the cap, with the plain step's attempt
+    y0, level0 = m.advance_refined(batch, th, 4, 0.2, start, 0)
+    assert level0.tolist() == [0, 1, 0, 1] and torch.equal(y0.isfinite(), fixed.isfinite())
+    # a row already refined starts at its own step
+    y2, level2 = m.advance_refined(batch[1:2], th[1:2], 4, 0.2, torch.tensor([1]), 3)
+    assert level2.tolist() == [1] and torch.equal(y2, y[1:2])
+
+
+def test_advance_refined_bound_counts_as_failure():
+    """Past ``bound`` a finite row fails too; one that fails at every step returns its attempt at
+    the last step tried, with a level past the cap."""
+    m = get_model("lorenz96", 8)
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    th = torch.full((2, 1), 8.0, dtype=torch.float64)
+    y, level = m.advance_refined(x, th, 2, 0.05, torch.zeros(2, dtype=torch.int64), 2, bound=1e-3)
+    assert level.tolist() == [3, 3]
+    assert torch.equal(y, m.advance(x, th, 8, 0.0125))
+    y, level = m.advance_refined(x, th, 2, 0.05, torch.zeros(2, dtype=torch.int64), 2, bound=1e3)
+    assert level.tolist() == [0, 0] and torch.equal(y, m.advance(x, th, 2, 0.05))
+    empty = m.advance_refined(x[:0], th[:0], 2, 0.05, torch.zeros(0, dtype=torch.int64), 2)
+    assert empty[0].shape == (0, 8) and empty[1].shape == (0,)

@@ -227,6 +227,68 @@ class Dynamics(ABC):
                 callback(1)
         return x
 
+    def advance_refined(
+        self,
+        x: torch.Tensor,
+        theta: torch.Tensor,
+        steps: int,
+        dt: float,
+        level: torch.Tensor,
+        max_level: int,
+        bound: float = math.inf,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance by ``steps·dt``, halving a row's step where its integration fails.
+
+        Row ``i`` is integrated at ``dt / 2**level[i]``. A row that fails (:meth:`unstable`, or
+        ``|x| > bound`` anywhere) is redone from ``x`` at half its step, up to ``max_level``
+        halvings. A row's result depends on its own state and θ only, so the numbers do not
+        depend on which rows share the batch, and a row that never fails is integrated exactly
+        as by :meth:`advance` at its level.
+
+        Args:
+            x: states ``(B, *state_shape)``.
+            theta: parameters ``(B, P)``, natural space.
+            steps: number of steps of ``dt`` (the interval is ``steps · dt``).
+            dt: the unrefined step.
+            level: ``(B,)`` int64, the halvings each row starts at (not modified).
+            max_level: the most halvings a row may reach.
+            bound: a finite state with a larger magnitude also counts as a failure.
+
+        Returns:
+            ``(y, level)``: ``y`` ``(B, *state_shape)`` and ``level`` ``(B,)`` int64, the
+            halvings each row ended at. A row with ``level > max_level`` failed at every step
+            tried; its ``y`` is the attempt at ``max_level``, for the caller to report.
+        """
+        level = level.clone()
+        if not x.shape[0]:
+            return x.clone(), level
+        out: torch.Tensor | None = None
+        todo = torch.arange(x.shape[0])
+        while todo.numel():
+            failed = []
+            for lv in sorted(set(level[todo].tolist())):
+                rows = todo[level[todo] == lv]
+                whole = rows.numel() == x.shape[0]  # the common case: no gather, no scatter
+                x0, th = (x, theta) if whole else (x[rows], theta[rows])
+                y = self.advance(x0, th, steps << lv, dt / (1 << lv))
+                bad = self.unstable(x0, y, steps * dt)
+                if math.isfinite(bound):
+                    bad = bad | (y.detach().abs().flatten(1).nan_to_num(0.0, posinf=math.inf)
+                                 .amax(dim=1) > bound)
+                bad = bad.cpu()
+                if whole and not bool(bad.any()):
+                    return y, level
+                out = torch.empty_like(x) if out is None else out
+                # the last attempt of a row that fails throughout is kept for the caller's report
+                keep = ~bad if lv < max_level else torch.ones_like(bad)
+                out[rows[keep]] = y[keep.to(y.device)]
+                failed.append(rows[bad])
+            todo = torch.cat(failed)
+            level[todo] += 1
+            todo = todo[level[todo] <= max_level]
+        assert out is not None
+        return out, level
+
     def unstable(self, before: torch.Tensor, after: torch.Tensor, elapsed: float) -> torch.Tensor:
         """Rows whose integration from ``before`` to ``after`` over time ``elapsed`` failed.
 
