@@ -87,6 +87,12 @@ class TwinState:
     cycle: int = 0
 
 
+def forecast_where(max_refinements: int) -> str:
+    """Where a forecast failed, for the divergence messages (with the steps tried)."""
+    return ("forecast" if not max_refinements else
+            f"forecast (at every step tried, down to dt/{1 << max_refinements}; max_refinements)")
+
+
 class Twin:
     """A twin experiment built from a validated config."""
 
@@ -129,12 +135,13 @@ class Twin:
         c, n = st.cycle, st.ensemble.shape[0]
         with torch.no_grad():
             truth = self.advance_truth(st.truth, c)
-            ens = self.forecast(st.ensemble, st.theta)
-            self._check_finite(ens, c, "forecast")
+            ens, halvings = self.forecast(st.ensemble, st.theta)
+            self._check_finite(ens, c, forecast_where(self.cfg.max_refinements))
             y = self.observe(truth, c)
             ens_a, theta_a = self.analyse(self.augment(ens, st.theta), y, st.theta, c)
             self._check_finite(torch.cat([ens_a.reshape(n, -1), theta_a], 1), c, "analysis")
         rec = self._record(truth, ens, ens_a, theta_a, y)
+        rec["refined"] = (halvings > 0).sum()
         # roughening after recording: the stored θ is the analysis, the next forecast uses the walk
         theta_next = self.roughen_theta(theta_a, range(n), c)
         return TwinState(truth, ens_a, theta_next, c + 1), rec
@@ -146,9 +153,24 @@ class Twin:
         return self._shock(m.advance(truth, self.truth_theta, self.cfg.observation.every,
                                      self.dt), cycle)
 
-    def forecast(self, ensemble: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """Members ``(n, *state_shape)`` one cycle on, each with its own θ ``(n, P_all)``."""
-        return self.model.advance(ensemble, theta, self.cfg.observation.every, self.dt)
+    def forecast(self, ensemble: torch.Tensor, theta: torch.Tensor,
+                 bound: float = math.inf) -> tuple[torch.Tensor, torch.Tensor]:
+        """Members ``(n, *state_shape)`` one cycle on, each with its own θ ``(n, P_all)``.
+
+        A member whose forecast fails (non-finite, past the model's growth bound or past
+        ``bound``) redoes it with half the step, up to ``max_refinements`` times; every cycle
+        starts from ``dt`` again, so a member's numbers depend on its own state and θ only.
+
+        Returns:
+            the forecast ``(n, *state_shape)`` and ``(n,)`` int64, the halvings of the step
+            each member's forecast was made with. A member that failed at every step keeps its
+            attempt at ``max_refinements`` halvings, for the caller's guard.
+        """
+        level = torch.zeros(ensemble.shape[0], dtype=torch.int64)
+        most = self.cfg.max_refinements
+        y, level = self.model.advance_refined(ensemble, theta, self.cfg.observation.every,
+                                              self.dt, level, most, bound)
+        return y, level.clamp(max=most)
 
     def observe(self, truth: torch.Tensor, cycle: int) -> torch.Tensor:
         """Synthetic observations ``(m,)`` of the truth, noise from the stream (seed, cycle)."""
@@ -278,6 +300,8 @@ class Twin:
                                ("crps_a", "analysis CRPS, mean over state components")]
         }
         data["y"] = (("cycle", "obs"), stack("y"), {"long_name": "observations"})
+        data["refined"] = (("cycle",), stack("refined").astype(np.int64),
+                           {"long_name": "members whose forecast needed a smaller step"})
         coords = {"cycle": cyc, "time": ("cycle", time_, {"units": "1"}),
                   "member": np.arange(cfg.members), "param": np.array(names, dtype=object)}
         if names:

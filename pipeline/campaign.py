@@ -67,7 +67,7 @@ from kernels.ensemble import member_mean
 from kernels.metrics import verification_fields
 from kernels.observe import check_observations
 from kernels.streams import generator
-from pipeline.assimilate import Twin, filter_spec, summary_lines
+from pipeline.assimilate import Twin, filter_spec, forecast_where, summary_lines
 from pipeline.campaign_sda import WindowFilter, block_members
 from pipeline.config import (
     CampaignConfig,
@@ -96,7 +96,7 @@ EXIT_DONE, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 CONFIG, PROGRESS, STORE, CHECKPOINTS, LOGS = ("config.yaml", "progress.json", "campaign.zarr",
                                                "checkpoints", "logs")
 #: keys that may change between a run and its resume (they do not change any stored number)
-MUTABLE_KEYS = ("checkpoint_every", "keep_checkpoints", "blowup")
+MUTABLE_KEYS = ("checkpoint_every", "keep_checkpoints", "blowup", "max_refinements")
 _CKPT_DIR = re.compile(r"^cycle-(\d{6})$")
 _CKPT_FILE = re.compile(r"^members-(\d{6})-(\d{6})\.pt$")
 _ERRORS = (ConfigError, OutputError, DivergenceError)
@@ -336,6 +336,7 @@ def _create_store(cfg: CampaignConfig, twin: Twin, path: Path,
                        ("crps_a", "analysis CRPS, mean over state components"),
                        ("rmse_obs_f", "RMS of y - ensemble mean of H(forecast)"),
                        ("rmse_obs_a", "RMS of y - ensemble mean of H(analysis)"),
+                       ("refined", "members whose forecast needed a smaller step"),
                        ("seconds", "wall-clock seconds of forecast + analysis (not reproducible)"),
                        ("seconds_forecast", "rank 0: seconds in the forecast"),
                        ("seconds_analysis", "rank 0: seconds in the (replicated) analysis"),
@@ -608,12 +609,13 @@ class Campaign:
 
     # -- commit helpers --------------------------------------------------------------------
     def _write_cycle(self, w: _StoreWriter, c: int, rec: dict[str, torch.Tensor] | None,
-                     theta_rows: torch.Tensor, seconds: float) -> None:
+                     theta_rows: torch.Tensor, seconds: float, refined: int) -> None:
         if self.rank == 0 and rec is not None:
             for key in ("rmse_f", "rmse_a", "spread_f", "spread_a", "crps_a", "rmse_obs_f",
                         "rmse_obs_a"):
                 w(key, c, float(rec[key]))
             w("seconds", c, seconds)
+            w("refined", c, refined)
             w("y", (c, slice(None)), rec["y"])
             if "mean_a" in rec:
                 shape = tuple(self.twin.model.state_shape)
@@ -776,16 +778,24 @@ class Campaign:
                     # initial state (the initial ensemble's centre), never advanced
                     truth = twin.advance_truth(st.truth, c) if obs is None else st.truth
                     with tm("forecast"):
-                        ens_f = twin.forecast(st.ensemble, st.theta)
+                        ens_f, halvings = twin.forecast(st.ensemble, st.theta, cfg.blowup)
                     _die_at(c, "forecast", self.rank)
                     bad = _bad_member(ens_f, cfg.blowup) if len(self.members) else None
                     with tm("comm"):
-                        found = comm.allgather(None if bad is None else
-                                               (self.members.start + bad[0], bad[1]))
-                    for r, f in enumerate(found):
+                        found = comm.allgather((None if bad is None else
+                                                (self.members.start + bad[0], bad[1]),
+                                                int((halvings > 0).sum()),
+                                                int(halvings.max()) if halvings.numel() else 0))
+                    for r, (f, _, _) in enumerate(found):
                         if f is not None:
                             self.log.error("diverged: cycle %d member %d", c, f[0])
-                            raise _diverged(c, f[0], r, f[1], "forecast", c)
+                            raise _diverged(c, f[0], r, f[1],
+                                            forecast_where(cfg.max_refinements), c)
+                    refined = sum(n for _, n, _ in found)
+                    if refined and self.rank == 0:
+                        self.log.warning("cycle %d: %d member(s) forecast at a smaller step "
+                                         "(down to dt/%d)", c, refined,
+                                         1 << max(lv for _, _, lv in found))
                     y = twin.observe(truth, c) if y_file is None else y_file[c]
                     t_flat = truth.reshape(-1) if obs is None else None
                     y_window = None
@@ -807,7 +817,7 @@ class Campaign:
                 seconds = time.perf_counter() - t0
                 # -- commit ------------------------------------------------------------------
                 with tm("io"):
-                    self._write_cycle(w, c, rec, theta_rows, seconds)
+                    self._write_cycle(w, c, rec, theta_rows, seconds, refined)
                 _die_at(c, "store", self.rank)
                 due = (c + 1) % cfg.checkpoint_every == 0 or c + 1 == cfg.cycles
                 if due:
@@ -913,7 +923,8 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
     """Continue the campaign in ``run_dir`` from its last committed cycle (any rank count).
 
     ``config`` (optional) may differ from the stored one only in ``checkpoint_every``,
-    ``keep_checkpoints`` and ``blowup``; anything else is refused, naming the first difference.
+    ``keep_checkpoints``, ``blowup`` and ``max_refinements``; anything else is refused, naming
+    the first difference.
     """
     comm = comm if comm is not None else world()
     run_dir = Path(run_dir)
@@ -1076,6 +1087,10 @@ def report(run_dir: str | Path) -> list[Path]:
                   f"{a['rmse_obs_f_mean']:.4f}")]
     rows += [("analysis spread (after burn-in)", f"{a['spread_a_mean']:.4f}"),
              ("seconds per cycle", f"{a['seconds_per_cycle']:.4f}")]
+    if "refined" in ds and float(ds["refined"].sum()) > 0:  # stores before the key lack it
+        r = ds["refined"].values
+        rows.append(("forecasts at a smaller step (max_refinements)",
+                     f"{int(r.sum())} member-cycles in {int((r > 0).sum())} cycles"))
     split = timing_split(run_dir)
     if split is not None:
         rows.append(("time split per cycle, ms (rank 0)",
@@ -1152,7 +1167,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     s = cs.add_parser("resume", help="continue a run from its last committed cycle")
     s.add_argument("run_dir")
     s.add_argument("--config", help="a changed config (only checkpoint_every, keep_checkpoints, "
-                                    "blowup may differ)")
+                                    "blowup, max_refinements may differ)")
     s.set_defaults(func=_cmd)
     t = cs.add_parser("status", help="cycles done, last metrics, time per cycle")
     t.add_argument("run_dir")

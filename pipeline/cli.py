@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from importlib import import_module
@@ -136,6 +137,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     ds = simulate(cfg, args.out, overwrite=args.overwrite)
     dims = ", ".join(f"{k}={v}" for k, v in ds.sizes.items())
     print(f"wrote {args.out} ({dims})")
+    refined = json.loads(ds.attrs["refined"])
+    if refined:
+        print(f"{len(refined)} member(s) needed a smaller step than dt = {cfg.model.dt:g}: "
+              + ", ".join(f"{m} (dt/{1 << h})" for m, h in refined.items()))
     return 0
 
 

@@ -110,6 +110,9 @@ class SimulateConfig(Strict):
     theta: Literal["truth", "prior"] = "truth"
     dtype: DType = "float32"
     device: Device = "cpu"
+    # a member whose integration fails (non-finite, or past the model's growth bound) over one
+    # saved interval redoes it with half the step and keeps it, up to this many times
+    max_refinements: Annotated[int, Field(ge=0, le=10)] = 3
 
     @model_validator(mode="after")
     def _steps_multiple(self) -> SimulateConfig:
@@ -547,6 +550,10 @@ class AssimilateConfig(Strict):
     initial: InitialEnsembleConfig = Field(default_factory=InitialEnsembleConfig)
     shocks: ShockConfig = Field(default_factory=ShockConfig)
     store_states: bool | None = None
+    # a member whose forecast fails (non-finite, past the model's growth bound or, in a
+    # campaign, past `blowup`) redoes that cycle's forecast with half the step, up to this many
+    # times (dt / 2**n); each cycle starts again from dt
+    max_refinements: Annotated[int, Field(ge=0, le=10)] = 3
 
     @model_validator(mode="after")
     def _check(self) -> AssimilateConfig:

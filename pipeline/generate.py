@@ -45,7 +45,7 @@ from pipeline.config import (
     validate,
 )
 from pipeline.runtime import compute_device, progress
-from pipeline.simulate import DivergenceError
+from pipeline.simulate import DivergenceError, RefinedStepper
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -142,63 +142,6 @@ def split_of(cfg: GenerateConfig) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # integration
-class RefinedStepper:
-    """Advances a batch of trajectories, halving a trajectory's step where its integration fails.
-
-    A trajectory that fails the model's check (``model.unstable``: non-finite, or past the
-    model's growth bound) over one piece redoes that piece from its start with half the step,
-    then keeps the smaller step for the rest of its run: the flows that need it are the
-    energetic ones (low drag), and they stay so. Each trajectory's step depends on its own path
-    only, so the numbers still do not depend on its batch; a trajectory that never fails is
-    integrated exactly as with the fixed step.
-
-    Attributes:
-        level: ``(J,)`` int64, each trajectory's halvings so far (its step is ``dt / 2**level``).
-    """
-
-    def __init__(self, model: Any, cfg: GenerateConfig, trajs: Sequence[int]) -> None:
-        self.model, self.trajs = model, list(trajs)
-        self.dt, self.max_level = float(cfg.model.dt), cfg.max_refinements
-        self.level = torch.zeros(len(self.trajs), dtype=torch.int64)
-
-    def __call__(self, x: torch.Tensor, theta: torch.Tensor, steps: int, where: str) -> torch.Tensor:
-        """``x`` ``(J, *state)`` advanced by ``steps`` steps of ``dt`` under ``theta`` ``(J, P)``.
-
-        Raises:
-            DivergenceError: a trajectory still fails at ``dt / 2**max_refinements``.
-        """
-        out: torch.Tensor | None = None
-        todo = torch.arange(x.shape[0])
-        while todo.numel():
-            failed = []
-            for lv in sorted(set(self.level[todo].tolist())):
-                rows = todo[self.level[todo] == lv]
-                whole = rows.numel() == x.shape[0]  # the common case: no gather, no scatter
-                x0, th = (x, theta) if whole else (x[rows], theta[rows])
-                y = self.model.advance(x0, th, steps << lv, self.dt / (1 << lv))
-                bad = self.model.unstable(x0, y, steps * self.dt).cpu()
-                if whole and not bool(bad.any()):
-                    return y
-                out = torch.empty_like(x) if out is None else out
-                out[rows[~bad]] = y[~bad.to(y.device)]
-                failed.append(rows[bad])
-            todo = torch.cat(failed)
-            self.level[todo] += 1
-            over = todo[self.level[todo] > self.max_level]
-            if over.numel():
-                j = int(over[0])
-                raise DivergenceError(
-                    f"trajectory {self.trajs[j]} (θ = {theta[j].tolist()}) became non-finite or "
-                    f"unstable {where}, even at dt = {self.dt / (1 << self.max_level):g} "
-                    f"(max_refinements: {self.max_level}); lower model.dt or raise max_refinements")
-        assert out is not None
-        return out
-
-    def refined(self) -> dict[int, int]:
-        """``{trajectory: halvings}`` of the trajectories whose step was halved."""
-        return {self.trajs[j]: int(self.level[j]) for j in self.level.nonzero().flatten().tolist()}
-
-
 def integrate(
     cfg: GenerateConfig,
     trajs: Sequence[int],
@@ -232,7 +175,7 @@ def integrate(
              for g in lay.grids if g != int(cfg.model.size)}
     channels = model.state_shape[:-n_space]
     n_blocks = lay.time_blocks if time_blocks is None else min(time_blocks, lay.time_blocks)
-    step = RefinedStepper(model, cfg, trajs)
+    step = RefinedStepper(model, cfg.model.dt, cfg.max_refinements, trajs)
     t0 = time.perf_counter()
     with torch.no_grad():
         x = initial_states(model, cfg, trajs).to(dtype=dtype, device=device)

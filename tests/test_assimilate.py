@@ -10,6 +10,7 @@ import xarray as xr
 from pipeline.assimilate import Twin, initial_theta
 from pipeline.cli import main
 from pipeline.config import AssimilateConfig, ConfigError, validate
+from pipeline.simulate import DivergenceError
 
 
 def _cfg(**over) -> AssimilateConfig:
@@ -233,3 +234,37 @@ def test_kolmogorov_twin_observes_pooled_velocity():
     op = make_operator("coarse_velocity", (16, 16), factor=2)
     hx = op(torch.from_numpy(ds["truth"].values))
     assert float((torch.from_numpy(ds["y"].values) - hx).abs().max()) < 6e-3
+
+
+# dt 0.2 at 16² with the initial members 10 units off the truth: member 1 is energetic enough
+# to outrun RK4 over cycle 0's forecast and needs dt/2; the others keep dt throughout
+REFINE = {"model": {"name": "kolmogorov", "size": 16, "dt": 0.2}, "members": 8, "cycles": 4,
+          "burn_in": 0, "truth_spinup": 50, "initial": {"spread": 10.0}, "dtype": "float64",
+          "observation": {"kind": "every_kth", "options": {"k": 2}, "sigma": 0.5, "every": 2},
+          "parameters": {"estimate": ["drag"]}, "filter": {"method": "letkf", "inflation": 1.02}}
+
+
+def _refine_cfg(**over) -> AssimilateConfig:
+    return validate({**REFINE, **over}, AssimilateConfig)
+
+
+def test_a_failing_forecast_is_redone_at_a_smaller_step():
+    cfg = _refine_cfg()
+    assert cfg.max_refinements == 3
+    twin = Twin(cfg)
+    st = twin.initial_state()
+    ens, halvings = twin.forecast(st.ensemble, st.theta)
+    assert halvings.tolist() == [0, 1, 0, 0, 0, 0, 0, 0] and torch.isfinite(ens).all()
+    plain = twin.model.advance(st.ensemble, st.theta, 2, 0.2)
+    assert twin.model.unstable(st.ensemble, plain, 0.4).tolist() == [False, True] + [False] * 6
+    torch.testing.assert_close(ens[1:2], twin.model.advance(st.ensemble[1:2], st.theta[1:2], 4, 0.1),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.equal(ens[[0, *range(2, 8)]], plain[[0, *range(2, 8)]])
+    ds = twin.run()
+    assert ds["refined"].values.tolist() == [1, 0, 0, 0] and np.isfinite(ds["rmse_a"]).all()
+    # without refinement the plain step's attempt is kept (finite here: the analysis takes it)
+    assert Twin(_refine_cfg(max_refinements=0)).run()["refined"].values.tolist() == [0, 0, 0, 0]
+    # a member that fails at every step tried stops the run, and the message says so
+    with pytest.raises(DivergenceError, match=r"non-finite in the forecast \(at every step tried, "
+                                              r"down to dt/2; max_refinements\)"):
+        Twin(_refine_cfg(initial={"spread": 60.0}, max_refinements=1)).run()

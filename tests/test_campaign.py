@@ -163,6 +163,40 @@ def test_rank_count_invariance(tmp_path, method, ranks):
     assert logs == [f"rank-{r:04d}.log" for r in range(ranks)]
 
 
+# dt 0.2 at 16² with the initial members 20 units off the truth: every member outruns RK4 in
+# cycle 0's forecast, member 6 (on rank 1 of 2) needs dt/4 and the others dt/2
+REFINE = {"model": {"name": "kolmogorov", "size": 16, "dt": 0.2}, "cycles": 4, "burn_in": 0,
+          "truth_spinup": 50, "initial": {"spread": 20.0},
+          "observation": {"kind": "every_kth", "options": {"k": 2}, "sigma": 0.5, "every": 2},
+          "parameters": {"estimate": ["drag"]}, "filter": FILTERS["letkf"]}
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_refined_forecasts_are_rank_count_invariant_and_a_stopped_run_resumes(tmp_path):
+    cfg = make_cfg(**REFINE)
+    in_process(cfg, tmp_path / "r1")
+    ref = stored(tmp_path / "r1")
+    assert ref["refined"].tolist() == [8, 0, 0, 0] and np.isfinite(ref["rmse_a"]).all()
+    conf = write_cfg(tmp_path / "c.yaml", cfg)
+    r = run_cli(["run", str(conf), "--run-dir", str(tmp_path / "r2")], 2)
+    assert r.returncode == 0, r.stderr
+    assert_same(ref, stored(tmp_path / "r2"), "refined forecasts R=1 vs R=2")
+    cp.report(tmp_path / "r2")
+    assert "| forecasts at a smaller step (max_refinements) | 8 member-cycles in 1 cycles |" \
+        in (tmp_path / "r2" / "report.md").read_text()
+    log = (tmp_path / "r2" / cp.LOGS / "rank-0000.log").read_text()
+    assert "cycle 0: 8 member(s) forecast at a smaller step (down to dt/4)" in log
+    # with one halving allowed member 6 stops cycle 0; raising the cap on resume goes on
+    low = write_cfg(tmp_path / "low.yaml", make_cfg(**REFINE, max_refinements=1))
+    r = run_cli(["run", str(low), "--run-dir", str(tmp_path / "r3")], 2)
+    assert r.returncode == 1 and "cycle 0: member 6 (rank 1) blew up" in r.stderr, r.stderr
+    assert "down to dt/2; max_refinements" in r.stderr
+    r = run_cli(["resume", str(tmp_path / "r3"), "--config", str(conf)], 2)
+    assert r.returncode == 0, r.stderr
+    assert_same(ref, stored(tmp_path / "r3"), "stopped, resumed with max_refinements 3")
+
+
 # --------------------------------------------------------------------------------------------
 # kills at every commit phase, resumed with changing rank counts
 @pytest.mark.mpi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -88,6 +89,30 @@ def test_divergence_writes_nothing(tmp_path, capsys):
                "--out", str(out)])
     assert rc == 1 and "non-finite" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_simulate_halves_the_step_of_a_failing_member(tmp_path, capsys):
+    # dt 0.4 at 16²: the low-drag draw of member 3 outruns RK4 (as trajectory 3 of the generate
+    # tests: the same streams); the other members keep dt
+    args = ["simulate", "kolmogorov", "--size", "16", "--dt", "0.4", "--steps", "14",
+            "--save-every", "2", "--spinup", "10", "--seed", "11", "--theta", "prior",
+            "--dtype", "float64"]
+    assert main([*args, "--members", "6", "--out", str(tmp_path / "a.nc")]) == 0
+    assert "1 member(s) needed a smaller step than dt = 0.4: 3 (dt/2)" in capsys.readouterr().out
+    a = xr.open_dataset(tmp_path / "a.nc")
+    assert json.loads(a.attrs["refined"]) == {"3": 1} and np.isfinite(a["vorticity"]).all()
+    assert main([*args, "--members", "3", "--out", str(tmp_path / "b.nc")]) == 0
+    b = xr.open_dataset(tmp_path / "b.nc")
+    assert json.loads(b.attrs["refined"]) == {}
+    np.testing.assert_allclose(a["vorticity"][:3], b["vorticity"], rtol=1e-12, atol=1e-12)
+    # without refinement the member stops the run, naming it, and nothing is written
+    conf = tmp_path / "s.yaml"
+    conf.write_text("stage: simulate\nmodel: {name: kolmogorov}\nmax_refinements: 0\n")
+    assert main(["simulate", "--config", str(conf), *args[2:], "--members", "6",
+                 "--out", str(tmp_path / "c.nc")]) == 1
+    err = capsys.readouterr().err
+    assert "member 3 (θ = [" in err and "even at dt = 0.4 (max_refinements: 0)" in err
+    assert not (tmp_path / "c.nc").exists()
 
 
 def test_config_show_and_list():
