@@ -528,6 +528,8 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         data["out"] = args.out
     dask_over = {k: v for k, v in (("workers", args.workers), ("scheduler", args.scheduler),
                                    ("dashboard", args.dashboard)) if v is not None}
+    if getattr(args, "no_dashboard", False):
+        dask_over["dashboard"] = None
     if dask_over:
         data["dask"] = {**(data.get("dask") or {}), **dask_over}
     cfg = validate(data, GenerateConfig, str(path))
@@ -590,7 +592,10 @@ def add_cli(sub: Any) -> None:
                    help="replace an existing store, even one made with another config")
     g.add_argument("--workers", type=int, help="LocalCluster workers (default: config or CPU count)")
     g.add_argument("--scheduler", help="connect to an existing scheduler, e.g. tcp://host:8786")
-    g.add_argument("--dashboard", help="dashboard address, e.g. :8787 (needs bokeh)")
+    dash = g.add_mutually_exclusive_group()
+    dash.add_argument("--dashboard", help="dashboard address, e.g. :8787 (needs bokeh)")
+    dash.add_argument("--no-dashboard", action="store_true",
+                      help="no dashboard (dask.dashboard: null), e.g. where its port is taken")
     g.set_defaults(func=_cmd_generate)
 
     v = sub.add_parser("verify", help="recompute sampled trajectories of a store, compare bit for bit")

@@ -240,11 +240,13 @@ def test_a_failing_trajectory_halves_its_step_from_the_failing_interval_on(tmp_p
 
 
 def test_a_trajectory_past_every_refinement_stops_the_run_clearly(tmp_path, capsys):
-    # no dashboard: nothing binds 8787 (which another cluster in this session may hold)
-    cfg = make_cfg(**UNSTABLE, max_refinements=0, dask={"dashboard": None})
+    # no dashboard (the config's is :8787): nothing binds 8787, which another cluster in this
+    # session may hold
+    cfg = make_cfg(**UNSTABLE, max_refinements=0)
+    assert cfg.dask.dashboard == ":8787"
     path = write_cfg(tmp_path / "g.yaml", cfg)
     out = tmp_path / "s.zarr"
-    assert main(["generate", str(path), "--out", str(out), "--workers", "1"]) == 1
+    assert main(["generate", str(path), "--out", str(out), "--workers", "1", "--no-dashboard"]) == 1
     cap = capsys.readouterr()
     assert "dashboard: off (dask.dashboard: null)" in cap.out
     err = cap.err.strip().splitlines()
