@@ -69,10 +69,11 @@ def window_key(cfg: SmoothConfig) -> list[Any]:
     return [str(Path(store).absolute()) if store else "", cfg.trajectory, cfg.start]
 
 
-def windows_overlap(a: list[Any], b: list[Any], length: int) -> bool:
-    """Whether two :func:`window_key` windows of ``length`` frames share a frame: such windows
-    see the same truth and noise, so one is no independent case (or test) for the other."""
-    return a[:2] == b[:2] and abs(int(a[2]) - int(b[2])) < length
+def same_trajectory(a: list[Any], b: list[Any]) -> bool:
+    """Whether two :func:`window_key` windows come from one test trajectory of one store. They
+    share its θ (and its flow; with common frames also truth and noise), so the posterior's
+    error is alike in both: one is no independent case (or test) for the other."""
+    return a[:2] == b[:2]
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -201,18 +202,18 @@ def calibrate(cfg: CalibrateConfig, out: str | Path, overwrite: bool = False,
     ref = cal[0]
     _check_alike(cal, runs, ref)
     _check_alike(ev, evaluate, ref)
-    length = int(ref.setup["length"])
     for i, w in enumerate(cal):
         for v in cal[:i]:
-            if windows_overlap(w.key, v.key, length):
-                raise ConfigError(f"{runs}: {w.path} shares frames with {v.path} (test "
-                                  f"trajectory {w.key[1]}): overlapping windows are no "
-                                  "independent cases")
+            if same_trajectory(w.key, v.key):
+                raise ConfigError(f"{runs}: {w.path} and {v.path} are windows of one test "
+                                  f"trajectory ({w.key[1]}), sharing its θ: no independent "
+                                  "cases (take one window per trajectory)")
     for w in ev:
         for v in cal:
-            if windows_overlap(w.key, v.key, length):
-                raise ConfigError(f"{evaluate}: {w.path} shares frames with the calibration "
-                                  f"window {v.path}: its coverage would not be a test")
+            if same_trajectory(w.key, v.key):
+                raise ConfigError(f"{evaluate}: {w.path} is a window of test trajectory "
+                                  f"{w.key[1]}, as the calibration window {v.path}: its "
+                                  "coverage would not be a test")
     n, params = len(cal), ref.params
     need = conformal_min_cases(cfg.level)
     cases = n * len(params) if cfg.pool == "all" else n
@@ -344,10 +345,10 @@ def check_calibration(res: dict[str, Any], cfg: SmoothConfig, params: list[str])
         raise ConfigError(f"calibration: parameters {res['params']}, the model has {list(params)}")
     key = window_key(cfg)
     for r in res["runs"]:
-        if windows_overlap(key, r["window"], cfg.length):
+        if same_trajectory(key, r["window"]):
             raise ConfigError(f"calibration: this window (test trajectory {cfg.trajectory}, frames "
-                              f"{cfg.start}..{cfg.start + cfg.length}) shares frames with its "
-                              f"calibration window {r['path']}")
+                              f"{cfg.start}..{cfg.start + cfg.length}) is of the trajectory of "
+                              f"its calibration window {r['path']}, sharing its θ")
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

@@ -34,14 +34,16 @@ def smooth_cfg(run: Path, trajectory: int, start: int = 0, **over) -> SmoothConf
 @pytest.fixture(scope="module")
 def windows(tmp_path_factory, make_l96_store, train_l96_window_model) -> tuple[Path, Path]:
     """A small model and smoothings of the first 12 frames of 11 of its 16 test trajectories:
-    ``(model, dir)`` with ``dir/t{trajectory}`` each, and ``dir/overlap_t0_s6`` (frames 6..17 of
-    trajectory 0, sharing frames with ``t0``)."""
+    ``(model, dir)`` with ``dir/t{trajectory}`` each, ``dir/overlap_t0_s6`` (frames 6..17 of
+    trajectory 0, sharing frames with ``t0``) and ``dir/disjoint_t0_s20`` (frames 20..31 of
+    trajectory 0: no common frame, but its θ)."""
     d = tmp_path_factory.mktemp("calibrate")
     make_l96_store(d / "l96.zarr", 20, 32, 32, test=0.5)
     model = train_l96_window_model(d, 150)
     for t in TRAJ:
         assert sm.smooth(smooth_cfg(model, t), d / f"t{t}") is not None
     assert sm.smooth(smooth_cfg(model, 0, 6), d / "overlap_t0_s6") is not None
+    assert sm.smooth(smooth_cfg(model, 0, 20), d / "disjoint_t0_s20") is not None
     return model, d
 
 
@@ -122,9 +124,10 @@ def _smooth_yaml(tmp_path: Path, model: Path, trajectory: int, **over) -> Path:
     ("too_few", "8 windows per parameter are too few for a 90% bound (at least 9"),
     ("nothing", "matches nothing"),
     ("missing", "no such smooth output"),
-    ("twice", "copy_of_t0 shares frames with"),
-    ("overlapping", "overlap_t0_s6 shares frames with"),
-    ("evaluated", "shares frames with the calibration window"),
+    ("twice", "copy_of_t0 and |are windows of one test trajectory (0), sharing its θ"),
+    ("overlapping", "overlap_t0_s6 and |are windows of one test trajectory (0)"),
+    ("disjoint", "disjoint_t0_s20 and |are windows of one test trajectory (0)"),
+    ("evaluated", "disjoint_t0_s20 is a window of test trajectory 0, as the calibration window"),
     ("not_smooth", "not a finished `scoreda smooth` output"),
 ])
 def test_bad_calibration_input_is_one_line_and_writes_nothing(tmp_path, windows, capsys, case,
@@ -138,13 +141,14 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(tmp_path, windows,
         "missing": {"runs": nine + [str(d / "nope")]},
         "twice": {"runs": nine + [str(tmp_path / "copy_of_t0")]},
         "overlapping": {"runs": nine + [str(d / "overlap_t0_s6")]},
-        "evaluated": {"runs": nine, "evaluate": [str(d / "overlap_t0_s6")]},
+        "disjoint": {"runs": nine + [str(d / "disjoint_t0_s20")]},
+        "evaluated": {"runs": nine, "evaluate": [str(d / "disjoint_t0_s20")]},
         "not_smooth": {"runs": nine + [str(tmp_path)]},
     }[case]
     out = tmp_path / "out"
     assert main(["calibrate", str(write_cfg(tmp_path / "c.yaml", **data)), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert needle in err and "\n" not in err
+    assert all(part in err for part in needle.split("|")) and "\n" not in err, err
     assert not out.exists()
 
 
@@ -166,7 +170,8 @@ def test_another_set_up_is_refused_by_name(tmp_path, windows, capsys):
     for (traj, start), over, needle in (
             ((11, 0), {"observation": {"kind": "every_kth", "options": {"k": 2}, "sigma": 1.0}},
              "observation.sigma"),
-            ((3, 11), {}, "frames 11..23\\) shares frames with its calibration window"),
+            ((3, 11), {}, "frames 11..23\\) is of the trajectory of its calibration window"),
+            ((3, 20), {}, "frames 20..32\\) is of the trajectory of its calibration window"),
             ((11, 0), {"sda": {"steps": 8}}, "sda.steps")):
         scfg = smooth_cfg(model, traj, start, calibration=str(tmp_path / "cal"), **over)
         with pytest.raises(ConfigError, match=needle):
