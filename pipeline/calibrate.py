@@ -335,9 +335,22 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
     return res
 
 
+def _with_defaults(setup: dict[str, Any]) -> dict[str, Any]:
+    """A stored :func:`setup_of` with the observation and sampler keys added since it was
+    written filled in at their defaults, which keep the behaviour from before each key existed
+    (a calibration made before ``sda.likelihood_cg``, say, still matches a config that leaves
+    it at 0)."""
+    base = setup_of(SmoothConfig(model_run=str(setup.get("model_run", "."))))
+    out = dict(setup)
+    for key in ("observation", "sda"):
+        if isinstance(setup.get(key), dict):
+            out[key] = {**base[key], **setup[key]}
+    return out
+
+
 def check_calibration(res: dict[str, Any], cfg: SmoothConfig, params: list[str]) -> None:
     """Refuse a calibration made for another set-up, parameters, or including this window."""
-    diff = setup_difference(setup_of(cfg), res["setup"])
+    diff = setup_difference(setup_of(cfg), _with_defaults(res["setup"]))
     if diff is not None:
         raise ConfigError(f"calibration: made for another set-up: {diff} (this config against "
                           "the calibration's)")

@@ -94,6 +94,18 @@ def test_bound_is_the_conformal_rank_of_the_windows_scores(tmp_path, windows, ca
     assert th["cal_covered"] == (th["cal_lo"] <= th["truth"] <= th["cal_hi"])
     assert f["calibration"]["windows"] == 9
     assert "calibrated 90% [" in (out / sm.SUMMARY).read_text()
+    # a calibration written before a sampler key existed matches a config at its default
+    old = json.loads((tmp_path / "out" / cal.CALIBRATION).read_text())
+    del old["setup"]["sda"]["likelihood_cg"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / cal.CALIBRATION).write_text(json.dumps(old))
+    assert main(["smooth", str(_smooth_yaml(tmp_path, model, 9)), "--out", str(tmp_path / "s2"),
+                 "--calibration", str(tmp_path / "old")]) == 0
+    old["setup"]["sda"]["likelihood_cg"] = 2  # but a stored value still counts
+    (tmp_path / "old" / cal.CALIBRATION).write_text(json.dumps(old))
+    assert main(["smooth", str(_smooth_yaml(tmp_path, model, 9)), "--out", str(tmp_path / "s3"),
+                 "--calibration", str(tmp_path / "old")]) == 2
+    assert "sda.likelihood_cg = 0 against 2" in capsys.readouterr().err
 
 
 def test_leave_one_out_and_a_shared_bound(tmp_path, windows):
