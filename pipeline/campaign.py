@@ -144,9 +144,38 @@ def hashed_config(cfg: CampaignConfig) -> dict[str, Any]:
     return d
 
 
-def config_hash(cfg: CampaignConfig) -> str:
-    text = json.dumps(hashed_config(cfg), sort_keys=True, separators=(",", ":"))
+def _digest(d: dict[str, Any]) -> str:
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def config_hash(cfg: CampaignConfig) -> str:
+    return _digest(hashed_config(cfg))
+
+
+#: filter.sda keys added after SDA campaigns existed, in the order they were added, each at the
+#: value that is the behaviour from before it
+_SDA_LATER = (("theta_composition", "auto"), ("theta_evidence_scale", 1.0), ("likelihood_cg", 0))
+
+
+def hash_matches(cfg: CampaignConfig, stored: str) -> bool:
+    """Whether a run's stored config hash is ``cfg``'s: its hash now, or the hash a run made
+    before the last of the later ``filter.sda`` keys existed recorded (those keys absent, each
+    at the default that keeps its old behaviour), so that such a run still resumes."""
+    d = hashed_config(cfg)
+    if stored == _digest(d):
+        return True
+    sda = d["filter"].get("sda")
+    if sda is None:
+        return False
+    for n in range(len(_SDA_LATER), 0, -1):  # the keys added last drop first
+        keys = _SDA_LATER[-n:]
+        if all(sda.get(k) == v for k, v in keys):
+            old = {**d, "filter": {**d["filter"], "sda": {k: v for k, v in sda.items()
+                                                          if k not in dict(keys)}}}
+            if stored == _digest(old):
+                return True
+    return False
 
 
 def load_campaign_config(path: str | Path) -> CampaignConfig:
@@ -933,12 +962,12 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
                          WindowFilter | None]:
         cfg = read_run_config(run_dir)
         prog = read_progress(run_dir)
-        if prog["config_hash"] != config_hash(cfg):
+        if not hash_matches(cfg, prog["config_hash"]):
             raise OutputError(f"{run_dir / CONFIG}: does not match the run's progress record "
                               f"(config hash {config_hash(cfg)} != {prog['config_hash']}); "
                               "was it edited?")
         if config is not None:
-            if config_hash(config) != prog["config_hash"]:
+            if not hash_matches(config, prog["config_hash"]):
                 raise ConfigError(f"{run_dir}: cannot resume with this config: "
                                   f"{first_difference(hashed_config(cfg), hashed_config(config))}"
                                   f"; only {', '.join(MUTABLE_KEYS)} may change")

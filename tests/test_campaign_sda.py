@@ -144,6 +144,34 @@ def test_resume_refuses_a_changed_model(tmp_path, model_run, capsys):
     assert err.count("\n") == 1 and "SDA model differs" in err and str(model_run) in err
 
 
+@pytest.mark.parametrize("dropped", [("likelihood_cg",),
+                                     ("theta_composition", "theta_evidence_scale", "likelihood_cg")])
+def test_a_run_from_before_later_sampler_keys_resumes(tmp_path, model_run, dropped):
+    """A run made before ``filter.sda`` gained a key recorded its hash without it; at the key's
+    default (its behaviour then) the run still resumes, with the same numbers."""
+    cfg = make_cfg(model_run, cycles=2)
+    run = tmp_path / "run"
+    in_process(cfg, run)
+    ref = stored(run)
+    d = cp.hashed_config(cfg)
+    old = {**d, "filter": {**d["filter"], "sda": {k: v for k, v in d["filter"]["sda"].items()
+                                                  if k not in dropped}}}
+    old_hash = cp._digest(old)
+    assert old_hash != cp.config_hash(cfg) and cp.hash_matches(cfg, old_hash)
+    text = yaml.safe_load((run / cp.CONFIG).read_text())
+    for k in dropped:
+        del text["filter"]["sda"][k]
+    (run / cp.CONFIG).write_text(yaml.safe_dump(text))  # as that version wrote it
+    prog = json.loads((run / cp.PROGRESS).read_text())
+    cp.write_progress(run, {**prog, "cycles_done": 1, "checkpoint": 1, "config_hash": old_hash})
+    assert main(["campaign", "resume", str(run)]) == 0
+    assert_same(ref, stored(run), "resumed under the old hash")
+    # a later key away from its default is another run
+    cg = cfg.model_copy(update={"filter": cfg.filter.model_copy(
+        update={"sda": cfg.filter.sda.model_copy(update={"likelihood_cg": 1})})})
+    assert not cp.hash_matches(cg, old_hash) and not cp.hash_matches(cg, cp.config_hash(cfg))
+
+
 # --------------------------------------------------------------------------------------------
 MISMATCHES = [
     ({"model": {"name": "lorenz96", "size": 40, "params": {"F": 8.0}, "dt": 0.05}}, "model.size:"),
