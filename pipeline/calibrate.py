@@ -43,6 +43,7 @@ from pipeline.config import (
     load_yaml,
     resolve_config_path,
     validate,
+    with_later_defaults,
 )
 from pipeline.storage import OutputError, atomic_write, write_text_atomic
 from pipeline.train import CONFIG as TRAIN_CONFIG
@@ -335,22 +336,12 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
     return res
 
 
-def _with_defaults(setup: dict[str, Any]) -> dict[str, Any]:
-    """A stored :func:`setup_of` with the observation and sampler keys added since it was
-    written filled in at their defaults, which keep the behaviour from before each key existed
-    (a calibration made before ``sda.likelihood_cg``, say, still matches a config that leaves
-    it at 0)."""
-    base = setup_of(SmoothConfig(model_run=str(setup.get("model_run", "."))))
-    out = dict(setup)
-    for key in ("observation", "sda"):
-        if isinstance(setup.get(key), dict):
-            out[key] = {**base[key], **setup[key]}
-    return out
-
-
 def check_calibration(res: dict[str, Any], cfg: SmoothConfig, params: list[str]) -> None:
     """Refuse a calibration made for another set-up, parameters, or including this window."""
-    diff = setup_difference(setup_of(cfg), _with_defaults(res["setup"]))
+    # keys added since the calibration was written take their defaults (a calibration made
+    # before sda.likelihood_cg, say, still matches a config that leaves it at 0)
+    stored = with_later_defaults(res["setup"], setup_of(SmoothConfig(model_run=cfg.model_run)))
+    diff = setup_difference(setup_of(cfg), stored)
     if diff is not None:
         raise ConfigError(f"calibration: made for another set-up: {diff} (this config against "
                           "the calibration's)")

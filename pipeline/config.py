@@ -176,6 +176,19 @@ def validate(data: Any, schema: type[Strict], source: str = "<config>") -> Stric
         raise ConfigError(_format(err, source)) from None
 
 
+def with_later_defaults(stored: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` (a config dump written by an earlier version) with the keys it lacks taken from
+    ``defaults`` (a dump of the same schema now), recursively. A key added to a schema defaults
+    to the behaviour from before it existed, so the filled dump says what the old one meant."""
+    out = dict(stored)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = with_later_defaults(out[k], v)
+    return out
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; errors name the file."""
     path = Path(path)

@@ -68,6 +68,7 @@ from pipeline.config import (
     load_yaml,
     resolve_config_path,
     validate,
+    with_later_defaults,
 )
 from pipeline.runtime import StopSignals, compute_device, member_slice, progress, tune_allocator, world
 from pipeline.storage import OutputError, write_bytes_atomic, write_text_atomic
@@ -514,6 +515,10 @@ def _prepare_partial(part: Path, key: dict[str, Any], overwrite: bool) -> int:
             old = json.loads((part / KEY).read_text())
         except (OSError, ValueError):
             old = None
+        if isinstance(old, dict):
+            # keys added since the partial was written take their defaults, their old behaviour
+            base = SmoothConfig(model_run=str(old.get("model_run", "."))).model_dump(mode="json")
+            old = with_later_defaults(old, {k: v for k, v in base.items() if k in key})
         if old != key:
             if not overwrite:
                 raise OutputError(f"{part}: committed samples of another set-up (config or model "
