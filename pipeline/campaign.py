@@ -1057,6 +1057,24 @@ def timing_split(run_dir: str | Path) -> dict[str, float] | None:
     return out
 
 
+def refined_cycles(run_dir: str | Path) -> tuple[int, int]:
+    """``(member-cycles, cycles)`` of the committed cycles whose forecasts needed a smaller
+    step; ``(0, 0)`` for a store made before the ``refined`` variable existed."""
+    import xarray as xr
+
+    run_dir = Path(run_dir)
+    done = int(read_progress(run_dir)["cycles_done"])
+    try:
+        ds = xr.open_zarr(run_dir / STORE, consolidated=False)
+    except Exception:  # noqa: BLE001 - status must still print the rest
+        return 0, 0
+    with ds:
+        if not done or "refined" not in ds:
+            return 0, 0
+        r = np.nan_to_num(ds["refined"].isel(cycle=slice(0, done)).values)
+    return int(r.sum()), int((r > 0).sum())
+
+
 def status_lines(run_dir: str | Path) -> list[str]:
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -1079,6 +1097,10 @@ def status_lines(run_dir: str | Path) -> list[str]:
             other = wall - sum(split[p] for p in PHASES)
             out.append(f"  time split per cycle (rank 0, mean): wall {wall * 1e3:.1f} ms = "
                        + ", ".join(parts) + f", other {other * 1e3:.1f} ms")
+        members, cycles = refined_cycles(run_dir)
+        if members:
+            out.append(f"  forecasts at a smaller step (max_refinements {cfg.max_refinements}): "
+                       f"{members} member-cycles in {cycles} cycles")
     if cfg.observations is not None:
         out.append(f"  observations from {cfg.observations.path} (variable "
                    f"{cfg.observations.variable}); no truth: rmse/crps are NaN, rmse_obs_* are "
@@ -1116,10 +1138,10 @@ def report(run_dir: str | Path) -> list[Path]:
                   f"{a['rmse_obs_f_mean']:.4f}")]
     rows += [("analysis spread (after burn-in)", f"{a['spread_a_mean']:.4f}"),
              ("seconds per cycle", f"{a['seconds_per_cycle']:.4f}")]
-    if "refined" in ds and float(ds["refined"].sum()) > 0:  # stores before the key lack it
-        r = ds["refined"].values
+    members, cycles = refined_cycles(run_dir)
+    if members:
         rows.append(("forecasts at a smaller step (max_refinements)",
-                     f"{int(r.sum())} member-cycles in {int((r > 0).sum())} cycles"))
+                     f"{members} member-cycles in {cycles} cycles"))
     split = timing_split(run_dir)
     if split is not None:
         rows.append(("time split per cycle, ms (rank 0)",

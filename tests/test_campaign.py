@@ -185,6 +185,8 @@ def test_refined_forecasts_are_rank_count_invariant_and_a_stopped_run_resumes(tm
     cp.report(tmp_path / "r2")
     assert "| forecasts at a smaller step (max_refinements) | 8 member-cycles in 1 cycles |" \
         in (tmp_path / "r2" / "report.md").read_text()
+    assert "  forecasts at a smaller step (max_refinements 3): 8 member-cycles in 1 cycles" \
+        in cp.status_lines(tmp_path / "r2")
     log = (tmp_path / "r2" / cp.LOGS / "rank-0000.log").read_text()
     assert "cycle 0: 8 member(s) forecast at a smaller step (down to dt/4)" in log
     # with one halving allowed member 6 stops cycle 0; raising the cap on resume goes on
