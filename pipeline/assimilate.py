@@ -352,6 +352,11 @@ def summary_lines(ds: xr.Dataset) -> list[str]:
         lo, hi = a[f"theta_{name}_final_q05"], a[f"theta_{name}_final_q95"]
         out.append(f"  θ {name}: mean {mean:.4g}, 90% interval [{lo:.4g}, {hi:.4g}], "
                    f"truth {truth:.4g} ({'covered' if lo <= truth <= hi else 'NOT covered'})")
+    if "refined" in ds:  # outputs made before the variable existed lack it
+        r = np.nan_to_num(ds["refined"].values)
+        if r.sum() > 0:
+            out.append(f"  forecasts at a smaller step (max_refinements): {int(r.sum())} "
+                       f"member-cycles in {int((r > 0).sum())} cycles")
     return out
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import xarray as xr
 
-from pipeline.assimilate import Twin, initial_theta
+from pipeline.assimilate import Twin, initial_theta, summary_lines
 from pipeline.cli import main
 from pipeline.config import AssimilateConfig, ConfigError, validate
 from pipeline.simulate import DivergenceError
@@ -262,6 +262,8 @@ def test_a_failing_forecast_is_redone_at_a_smaller_step():
     assert torch.equal(ens[[0, *range(2, 8)]], plain[[0, *range(2, 8)]])
     ds = twin.run()
     assert ds["refined"].values.tolist() == [1, 0, 0, 0] and np.isfinite(ds["rmse_a"]).all()
+    assert "  forecasts at a smaller step (max_refinements): 1 member-cycles in 1 cycles" \
+        in summary_lines(ds)
     # without refinement the plain step's attempt is kept (finite here: the analysis takes it)
     assert Twin(_refine_cfg(max_refinements=0)).run()["refined"].values.tolist() == [0, 0, 0, 0]
     # a member that fails at every step tried stops the run, and the message says so
