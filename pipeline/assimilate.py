@@ -122,6 +122,9 @@ class Twin:
         x = x.to(self.dtype).to(self.device)
         with torch.no_grad():
             x = m.advance(x, self.truth_theta, cfg.truth_spinup, self.dt)
+        if not bool(torch.isfinite(x).all()):
+            raise DivergenceError(f"truth_spinup: the truth became non-finite in its spin-up at "
+                                  f"model.dt = {self.dt:g}; lower model.dt")
         members = range(cfg.members) if members is None else members
         noise = per_member(lambda g: torch.randn(m.state_shape, generator=g, dtype=torch.float64),
                            cfg.seed, members, "init")
@@ -148,10 +151,18 @@ class Twin:
 
     # -- the pieces of a cycle (also used member-slice-wise by MPI campaigns) ------------------
     def advance_truth(self, truth: torch.Tensor, cycle: int) -> torch.Tensor:
-        """The truth ``(1, *state_shape)`` one cycle on, with this cycle's shock if any."""
+        """The truth ``(1, *state_shape)`` one cycle on, with this cycle's shock if any.
+
+        Raises:
+            DivergenceError: the truth became non-finite (its step is the config's own; every
+                rank computes the same truth, so every rank raises).
+        """
         m = self.model
-        return self._shock(m.advance(truth, self.truth_theta, self.cfg.observation.every,
-                                     self.dt), cycle)
+        x = m.advance(truth, self.truth_theta, self.cfg.observation.every, self.dt)
+        if not bool(torch.isfinite(x).all()):
+            raise DivergenceError(f"cycle {cycle}: the truth became non-finite at model.dt = "
+                                  f"{self.dt:g}; lower model.dt (nothing of this cycle is kept)")
+        return self._shock(x, cycle)
 
     def forecast(self, ensemble: torch.Tensor, theta: torch.Tensor,
                  bound: float = math.inf) -> tuple[torch.Tensor, torch.Tensor]:

@@ -270,3 +270,16 @@ def test_a_failing_forecast_is_redone_at_a_smaller_step():
     with pytest.raises(DivergenceError, match=r"non-finite in the forecast \(at every step tried, "
                                               r"down to dt/2; max_refinements\)"):
         Twin(_refine_cfg(initial={"spread": 60.0}, max_refinements=1)).run()
+
+
+def test_a_truth_that_outruns_its_step_is_named():
+    """Before, a non-finite truth surfaced as a member going non-finite in the analysis."""
+    fast = {"model": {"name": "lorenz96", "size": 40, "params": {"F": 16.0}, "dt": 0.2}}
+    with pytest.raises(DivergenceError, match=r"truth_spinup: the truth became non-finite in its "
+                                              r"spin-up at model.dt = 0.2"):
+        Twin(_refine_cfg(**fast, truth_spinup=50, parameters={})).initial_state()
+    twin = Twin(_refine_cfg(**fast, truth_spinup=0, parameters={}, observation={
+        "kind": "every_kth", "options": {"k": 2}, "sigma": 0.5, "every": 5}))
+    with pytest.raises(DivergenceError, match=r"cycle 0: the truth became non-finite at "
+                                              r"model.dt = 0.2; lower model.dt"):
+        twin.run()

@@ -356,6 +356,18 @@ def test_divergence_guard_names_cycle_member_rank(tmp_path, capsys):
     assert prog["cycles_done"] == c
 
 
+def test_a_non_finite_truth_is_named(tmp_path, capsys):
+    cfg = make_cfg("letkf", cycles=4, burn_in=0, truth_spinup=0,
+                   model={"name": "lorenz96", "size": 40, "params": {"F": 16.0}, "dt": 0.2},
+                   observation={"kind": "every_kth", "options": {"k": 2}, "sigma": 1.0, "every": 5})
+    run = tmp_path / "run"
+    assert main(["campaign", "run", str(write_cfg(tmp_path / "c.yaml", cfg)), "--run-dir",
+                 str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "cycle 0: the truth became non-finite at model.dt = 0.2; lower model.dt" in err
+    assert json.loads((run / cp.PROGRESS).read_text())["cycles_done"] == 0
+
+
 def test_status_and_report(tmp_path, capsys):
     cfg = make_cfg("ensf-gaussian", cycles=8)
     run = tmp_path / "run"
