@@ -36,7 +36,6 @@ import torch
 
 from kernels.dynamics import model_class
 from kernels.score.sda import (
-    SDASettings,
     likelihood_scale,
     make_window_observe,
     mean_projection,
@@ -159,10 +158,7 @@ class WindowFilter:
         self.seed, self.window, self.batch = cfg.seed, s.window, s.batch
         self.n_params = len(spec["params"])
         self.frame_shape = (int(spec["channels"]), *(int(v) for v in spec["spatial"]))
-        self.settings = SDASettings(steps=s.steps, corrector=s.corrector, tau=s.tau,
-                                    gamma=s.gamma, ddim_eta=s.ddim_eta,
-                                    theta_clip=s.theta_clip, theta_guidance=s.theta_guidance,
-                                    likelihood_cg=s.likelihood_cg)
+        self.settings = s.settings()
         self.eps = composed_model_eps(self.den, spec, self.static_theta, s.theta_composition,
                                       "filter.sda", s.theta_evidence_scale)
         # (σ_t/μ_t)² is a variance per normalised state entry and y is physical: γ is scaled

@@ -479,6 +479,14 @@ class SDAConfig(Strict):
     # more backward pass; docs/smooth.md "Likelihood covariance")
     likelihood_cg: NonNegInt = 0
 
+    def settings(self):  # -> kernels.score.sda.SDASettings (untyped: no torch import here)
+        """The kernel sampler's settings from these keys (θ's composition is the caller's)."""
+        from kernels.score.sda import SDASettings
+
+        return SDASettings(steps=self.steps, corrector=self.corrector, tau=self.tau,
+                           gamma=self.gamma, ddim_eta=self.ddim_eta, theta_clip=self.theta_clip,
+                           theta_guidance=self.theta_guidance, likelihood_cg=self.likelihood_cg)
+
 
 class CampaignSDAConfig(SDAConfig):
     """SDA as a campaign filter (docs/campaign.md): at cycle c the posterior of the window of

@@ -50,7 +50,6 @@ import torch
 from kernels import metrics
 from kernels.observe import add_noise, make_operator
 from kernels.score.sda import (
-    SDASettings,
     likelihood_scale,
     make_window_observe,
     mean_projection,
@@ -180,10 +179,7 @@ class Problem:
                     torch.empty(0, cfg.length, p, dtype=torch.float64))
         gens = [generator(cfg.seed, "sample", i) for i in indices]
         s = cfg.sda
-        settings = SDASettings(steps=s.steps, corrector=s.corrector, tau=s.tau, gamma=s.gamma,
-                               ddim_eta=s.ddim_eta, theta_clip=s.theta_clip,
-                               theta_guidance=s.theta_guidance,
-                               likelihood_cg=s.likelihood_cg)
+        settings = s.settings()
         observe = make_window_observe(den.normalizer, self.op, self.times, self.model.state_shape)
         # (σ_t/μ_t)² is a variance per normalised state entry; the observations are physical:
         # scale γ by what such a white perturbation gives each observation (a point: the
