@@ -656,7 +656,8 @@ def posterior_eps(
         xs = x_state.detach().requires_grad_(True)
         xt = x_theta.detach().requires_grad_(True)
         es, et = eps_fn(xs, xt, tb)
-        pred = observe((xs - sig_s * es) / mu_s, (xt - sig_t * et) / mu_t)
+        x0 = ((xs - sig_s * es) / mu_s, (xt - sig_t * et) / mu_t)
+        pred = observe(*x0)
         if pred.dim() != 2 or pred.shape[0] != b:
             raise ValueError(f"observe must return (B, m) = ({b}, m), got {tuple(pred.shape)}")
         if not (y.shape == pred.shape or y.shape == pred.shape[1:]):
@@ -673,9 +674,8 @@ def posterior_eps(
             def base(v: torch.Tensor) -> torch.Tensor:  # σ_y² + SDA's γ term (γ = 0: MMPS's)
                 return fc.matvec(v, gamma * ratio2) if fc is not None else var * v
 
-            u = _tweedie_solve(pred, (xs, xt), ((xs - sig_s * es) / mu_s, (xt - sig_t * et) / mu_t),
-                               (sig_s**2 / mu_s, sig_t**2 / mu_t), observe, y.to(pred), base,
-                               cg_steps)
+            u = _tweedie_solve(pred, (xs, xt), x0, (sig_s**2 / mu_s, sig_t**2 / mu_t), observe,
+                               y.to(pred), base, cg_steps)
             target, outputs = pred, u  # ∇ log N with Σ held fixed: (∂pred/∂x)ᵀ Σ⁻¹ r
         else:
             if fc is not None:
