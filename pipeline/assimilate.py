@@ -363,12 +363,20 @@ def summary_lines(ds: xr.Dataset) -> list[str]:
         lo, hi = a[f"theta_{name}_final_q05"], a[f"theta_{name}_final_q95"]
         out.append(f"  θ {name}: mean {mean:.4g}, 90% interval [{lo:.4g}, {hi:.4g}], "
                    f"truth {truth:.4g} ({'covered' if lo <= truth <= hi else 'NOT covered'})")
-    if "refined" in ds:  # outputs made before the variable existed lack it
-        r = np.nan_to_num(ds["refined"].values)
-        if r.sum() > 0:
-            out.append(f"  forecasts at a smaller step (max_refinements): {int(r.sum())} "
-                       f"member-cycles in {int((r > 0).sum())} cycles")
+    members, cycles = refined_counts(ds)
+    if members:
+        out.append(f"  forecasts at a smaller step (max_refinements): {members} "
+                   f"member-cycles in {cycles} cycles")
     return out
+
+
+def refined_counts(ds: xr.Dataset) -> tuple[int, int]:
+    """``(member-cycles, cycles)`` of ``ds``'s cycles whose forecasts needed a smaller step
+    (``(0, 0)`` for outputs made before the ``refined`` variable existed)."""
+    if "refined" not in ds:
+        return 0, 0
+    r = np.nan_to_num(ds["refined"].values)
+    return int(r.sum()), int((r > 0).sum())
 
 
 def assimilate(cfg: AssimilateConfig, out: str | Path, overwrite: bool = False,

@@ -67,7 +67,7 @@ from kernels.ensemble import member_mean
 from kernels.metrics import verification_fields
 from kernels.observe import check_observations
 from kernels.streams import generator
-from pipeline.assimilate import Twin, filter_spec, forecast_where, summary_lines
+from pipeline.assimilate import Twin, filter_spec, forecast_where, refined_counts, summary_lines
 from pipeline.campaign_sda import WindowFilter, block_members
 from pipeline.config import (
     CampaignConfig,
@@ -1058,8 +1058,7 @@ def timing_split(run_dir: str | Path) -> dict[str, float] | None:
 
 
 def refined_cycles(run_dir: str | Path) -> tuple[int, int]:
-    """``(member-cycles, cycles)`` of the committed cycles whose forecasts needed a smaller
-    step; ``(0, 0)`` for a store made before the ``refined`` variable existed."""
+    """:func:`pipeline.assimilate.refined_counts` of the committed cycles in the store."""
     import xarray as xr
 
     run_dir = Path(run_dir)
@@ -1069,10 +1068,7 @@ def refined_cycles(run_dir: str | Path) -> tuple[int, int]:
     except Exception:  # noqa: BLE001 - status must still print the rest
         return 0, 0
     with ds:
-        if not done or "refined" not in ds:
-            return 0, 0
-        r = np.nan_to_num(ds["refined"].isel(cycle=slice(0, done)).values)
-    return int(r.sum()), int((r > 0).sum())
+        return refined_counts(ds.isel(cycle=slice(0, done)))
 
 
 def status_lines(run_dir: str | Path) -> list[str]:
@@ -1138,7 +1134,7 @@ def report(run_dir: str | Path) -> list[Path]:
                   f"{a['rmse_obs_f_mean']:.4f}")]
     rows += [("analysis spread (after burn-in)", f"{a['spread_a_mean']:.4f}"),
              ("seconds per cycle", f"{a['seconds_per_cycle']:.4f}")]
-    members, cycles = refined_cycles(run_dir)
+    members, cycles = refined_counts(ds)  # ds holds the committed cycles
     if members:
         rows.append(("forecasts at a smaller step (max_refinements)",
                      f"{members} member-cycles in {cycles} cycles"))
