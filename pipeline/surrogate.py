@@ -116,10 +116,12 @@ def tasks(cfg: SurrogateConfig) -> list[str]:
     return out + ["report"]
 
 
-def config_hash(cfg: SurrogateConfig) -> str:
-    """Hash of everything that determines the numbers (``threads`` does not)."""
-    d = cfg.model_dump(mode="json")
-    d.pop("threads")
+def config_hash(cfg: SurrogateConfig | dict[str, Any]) -> str:
+    """Hash of everything that determines the numbers (``threads`` does not). A mapping is hashed
+    as read from a run's stored config, so that a key added to the schema after the run started
+    (absent from its file, at a default that keeps the old behaviour) does not change the hash."""
+    d = dict(cfg) if isinstance(cfg, dict) else cfg.model_dump(mode="json")
+    d.pop("threads", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -896,7 +898,8 @@ def resume(run_dir: str | Path) -> int:
     err = None
     try:
         rec = read_progress(run_dir)
-        if rec["config_hash"] != config_hash(cfg):
+        # the file as written, not its re-validation: that would gain the keys added since
+        if rec["config_hash"] != config_hash(load_yaml(run_dir / CONFIG)):
             raise OutputError(f"{run_dir / CONFIG}: changed since the run started")
     except OutputError as exc:
         err = exc

@@ -203,6 +203,32 @@ def test_existing_run_dir_and_bad_resume(tmp_path, reference, capsys):
     assert "not a surrogate run directory" in capsys.readouterr().err
 
 
+def test_resume_refuses_an_edited_config_and_takes_an_older_one(tmp_path, reference, capsys):
+    """The stored config is compared as written: an edited value is refused; a file from before a
+    key existed (its progress hashed without that key) resumes with the key's default."""
+    import shutil
+    edited = tmp_path / "edited"
+    shutil.copytree(reference, edited)
+    data = yaml.safe_load((edited / su.CONFIG).read_text())
+    data["seed"] = 3
+    write_cfg(edited / su.CONFIG, data)
+    assert main(["surrogate", "--resume", str(edited)]) == 2
+    assert "changed since the run started" in capsys.readouterr().err
+
+    older = tmp_path / "older"
+    shutil.copytree(reference, older)
+    data = yaml.safe_load((older / su.CONFIG).read_text())
+    for f in data["rollout"]["filters"].values():
+        del f["ensf"]["coupling"]  # as if written before the key existed
+    data["threads"] = 2  # not part of the hash
+    write_cfg(older / su.CONFIG, data)
+    rec = json.loads((older / su.PROGRESS).read_text())
+    rec["config_hash"] = su.config_hash({**data, "threads": 1})
+    (older / su.PROGRESS).write_text(json.dumps(rec))
+    assert su.config_hash(data) != su.config_hash(validate(TINY, SurrogateConfig))
+    assert main(["surrogate", "--resume", str(older)]) == su.EXIT_DONE
+
+
 @pytest.fixture(scope="module")
 def l96_store(tmp_path_factory):
     """A finished `scoreda generate` store of the tiny system (truth θ on every trajectory) and a
