@@ -77,6 +77,13 @@ def initial_theta(model: Dynamics, cfg: AssimilateConfig, members: range) -> tor
     return per_member(draw, cfg.seed, members, "theta")
 
 
+def _failure(x: torch.Tensor) -> str:
+    """How a run that ``Dynamics.unstable`` flagged failed, for its error message."""
+    if bool(torch.isfinite(x).all()):
+        return "unstable (it grew faster than the model allows, before overflowing)"
+    return "non-finite"
+
+
 @dataclass
 class TwinState:
     """Everything a cycle needs; small enough to checkpoint."""
@@ -121,10 +128,10 @@ class Twin:
         x = m.initial_state(1, generator(cfg.seed, "truth"), dtype=torch.float64)
         x = x.to(self.dtype).to(self.device)
         with torch.no_grad():
-            x = m.advance(x, self.truth_theta, cfg.truth_spinup, self.dt)
-        if not bool(torch.isfinite(x).all()):
-            raise DivergenceError(f"truth_spinup: the truth became non-finite in its spin-up at "
-                                  f"model.dt = {self.dt:g}; lower model.dt")
+            x0, x = x, m.advance(x, self.truth_theta, cfg.truth_spinup, self.dt)
+        if cfg.truth_spinup > 0 and bool(m.unstable(x0, x, cfg.truth_spinup * self.dt).any()):
+            raise DivergenceError(f"truth_spinup: the truth became {_failure(x)} in its spin-up "
+                                  f"at model.dt = {self.dt:g}; lower model.dt")
         members = range(cfg.members) if members is None else members
         noise = per_member(lambda g: torch.randn(m.state_shape, generator=g, dtype=torch.float64),
                            cfg.seed, members, "init")
@@ -154,13 +161,15 @@ class Twin:
         """The truth ``(1, *state_shape)`` one cycle on, with this cycle's shock if any.
 
         Raises:
-            DivergenceError: the truth became non-finite (its step is the config's own; every
-                rank computes the same truth, so every rank raises).
+            DivergenceError: the truth became non-finite, or grew faster than the model allows
+                (``unstable``: a step past its stability limit, finite for a few steps before it
+                overflows). Its step is the config's own; every rank computes the same truth, so
+                every rank raises.
         """
-        m = self.model
-        x = m.advance(truth, self.truth_theta, self.cfg.observation.every, self.dt)
-        if not bool(torch.isfinite(x).all()):
-            raise DivergenceError(f"cycle {cycle}: the truth became non-finite at model.dt = "
+        m, every = self.model, self.cfg.observation.every
+        x = m.advance(truth, self.truth_theta, every, self.dt)
+        if bool(m.unstable(truth, x, every * self.dt).any()):
+            raise DivergenceError(f"cycle {cycle}: the truth became {_failure(x)} at model.dt = "
                                   f"{self.dt:g}; lower model.dt (nothing of this cycle is kept)")
         return self._shock(x, cycle)
 

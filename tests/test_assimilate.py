@@ -283,3 +283,10 @@ def test_a_truth_that_outruns_its_step_is_named():
     with pytest.raises(DivergenceError, match=r"cycle 0: the truth became non-finite at "
                                               r"model.dt = 0.2; lower model.dt"):
         twin.run()
+    # Kolmogorov at dt 1 stays finite for a cycle past its stability limit (1e22 after cycle 1):
+    # its enstrophy bound names the truth there, before the filter takes that state in
+    kolm = Twin(_refine_cfg(model={"name": "kolmogorov", "size": 16, "dt": 1.0}, truth_spinup=0))
+    with pytest.raises(DivergenceError, match=r"cycle 1: the truth became unstable \(it grew "
+                                              r"faster than the model allows, before overflowing\) "
+                                              r"at model.dt = 1; lower model.dt"):
+        kolm.run()
