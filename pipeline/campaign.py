@@ -89,7 +89,13 @@ from pipeline.runtime import (
     world,
 )
 from pipeline.simulate import DivergenceError
-from pipeline.storage import OutputError, atomic_write, write_file_atomic, write_text_atomic
+from pipeline.storage import (
+    OutputError,
+    Replacing,
+    atomic_write,
+    write_file_atomic,
+    write_text_atomic,
+)
 from pipeline.store import first_difference
 
 EXIT_DONE, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
@@ -622,6 +628,8 @@ class Campaign:
                 tw.analysis = Analysis(tw.op, tw.sigma, len(tw.est_idx), filter_spec(cfg))
         self.hash = config_hash(cfg)
         self.log = rank_logger(run_dir / LOGS, self.rank)
+        # rank 0: called after the first cycle's commit (the run it replaces goes then)
+        self.after_commit: Any = None
 
     @property
     def y_rows(self) -> int:
@@ -866,6 +874,9 @@ class Campaign:
                     with tm("io"):
                         write_progress(self.run_dir, prog, c, self.rank)
                         _die_at(c, "committed", self.rank)
+                        if self.after_commit is not None:
+                            self.after_commit()
+                            self.after_commit = None
                         self._prune(ck)
                 with tm("comm"):
                     comm.Barrier()
@@ -925,8 +936,7 @@ def start(cfg: CampaignConfig, run_dir: str | Path, overwrite: bool = False,
             raise OutputError(f"{run_dir}: exists; {hint}pass --overwrite to replace it")
         if run_dir.exists() and not run_dir.is_dir():
             raise OutputError(f"{run_dir}: exists and is not a directory")
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
+        rep.append(Replacing(run_dir, keep_fresh=True))  # an earlier run stays until a commit
         try:
             run_dir.mkdir(parents=True)
             write_text_atomic(run_dir / CONFIG, dump(cfg))
@@ -943,9 +953,20 @@ def start(cfg: CampaignConfig, run_dir: str | Path, overwrite: bool = False,
             raise OutputError(f"{run_dir}: cannot create the run directory "
                               f"({exc.strerror or exc})") from None
 
-    agree(comm, create, _ERRORS)
-    camp = Campaign(cfg, run_dir, comm, obs, sda)
-    return camp.run(camp.initial_slice(), read_progress(run_dir))
+    rep: list[Replacing] = []
+    try:
+        agree(comm, create, _ERRORS)
+        camp = Campaign(cfg, run_dir, comm, obs, sda)
+        camp.after_commit = rep[0].committed if rep else None
+        # a truth that fails its spin-up or a first cycle that diverges puts the old run back
+        code = camp.run(camp.initial_slice(), read_progress(run_dir))
+    except BaseException:
+        if rep:
+            rep[0].failed()
+        raise
+    if rep:
+        rep[0].committed()
+    return code
 
 
 def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any = None) -> int:

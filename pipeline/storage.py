@@ -61,6 +61,44 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+class Replacing:
+    """A run directory that a new run is about to be created in, keeping what it replaces.
+
+    An existing ``path`` (``--overwrite``) is moved to the hidden sibling ``.NAME.replaced``.
+    :meth:`committed` (the new run's first commit, or its normal end) removes it;
+    :meth:`failed` (an error before that) removes the new run and puts the old one back, so a
+    replacement that fails on bad input leaves things as they were. With ``keep_fresh`` a new
+    run that replaced nothing stays when it fails (a campaign stopped at cycle 0 can be resumed
+    with another ``blowup``). Rank 0 alone calls it.
+    """
+
+    def __init__(self, path: Path, keep_fresh: bool = False) -> None:
+        self.path, self.keep_fresh = path, keep_fresh
+        self.aside: Path | None = None
+        self.kept = False  # the new run committed: it stays, whatever happens after
+        if path.exists() or path.is_symlink():
+            aside = path.parent / f".{path.name}.replaced"
+            if aside.exists():
+                raise OutputError(f"{path}: an earlier replacement of it was interrupted; the run "
+                                  f"it replaced is in {aside} (move or remove that first)")
+            os.replace(path, aside)
+            self.aside = aside
+
+    def committed(self) -> None:
+        self.kept = True
+        if self.aside is not None:
+            _remove(self.aside)
+            self.aside = None
+
+    def failed(self) -> None:
+        if self.kept or (self.keep_fresh and self.aside is None):
+            return
+        _remove(self.path)
+        if self.aside is not None:
+            os.replace(self.aside, self.path)
+            self.aside = None
+
+
 def _remove(p: Path) -> None:
     if p.is_dir():
         shutil.rmtree(p)

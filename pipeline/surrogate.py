@@ -44,7 +44,6 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +82,7 @@ from pipeline.config import (
     validate,
 )
 from pipeline.runtime import StopSignals, init_distributed, progress, rank_logger, tune_allocator
-from pipeline.storage import OutputError, write_bytes_atomic, write_text_atomic
+from pipeline.storage import OutputError, Replacing, write_bytes_atomic, write_text_atomic
 
 EXIT_DONE, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 2, 3
 CONFIG, PROGRESS, PARTIAL, LOGS = "config.yaml", "progress.json", "partial.pt", "logs"
@@ -266,7 +265,10 @@ def _store_trajectories(cfg: SurrogateConfig) -> torch.Tensor:
     arr = zarr.open_array(path / name, mode="r")
     frames = cfg.data.frames
     # the selection is sorted and shards hold whole trajectories: one read per trajectory
-    out = np.stack([np.asarray(arr[j, :frames]) for j in idx])
+    try:
+        out = np.stack([np.asarray(arr[j, :frames]) for j in idx])
+    except (OSError, ValueError, KeyError) as exc:  # a damaged shard (checksum, truncation)
+        raise OutputError(f"{path}: cannot read {name} ({exc})") from None
     return torch.from_numpy(out).to(F64)
 
 
@@ -742,6 +744,8 @@ class Run:
 
     def __init__(self, cfg: SurrogateConfig, run_dir: Path, comm: Comm) -> None:
         self.cfg, self.run_dir, self.comm = cfg, run_dir, comm
+        # rank 0: called after the first task's commit (the run it replaces goes then)
+        self.after_commit: Any = None
         self.data = make_data(cfg)
         self.log = rank_logger(run_dir / LOGS, comm.rank, "scoreda.surrogate")
 
@@ -838,6 +842,9 @@ class Run:
                 done.append(task)
                 if comm.rank == 0:
                     _commit(self.run_dir, cfg, done, task)
+                    if self.after_commit is not None:
+                        self.after_commit()
+                        self.after_commit = None
                 comm.barrier()
                 self.log.info("%s committed in %.1f s", task, time.perf_counter() - t0)
                 if task != todo[-1] and comm.any(stop.requested):
@@ -868,17 +875,31 @@ def start(cfg: SurrogateConfig, run_dir: str | Path, overwrite: bool = False) ->
             store_selection(cfg)
         except (ConfigError, OutputError) as exc:
             err = exc
+    rep = None
+    if comm.rank == 0 and err is None:
+        try:
+            rep = Replacing(run_dir)  # an earlier run stays until this one commits a task
+        except OutputError as exc:
+            err = exc
     comm.agree_error(err)
-    if comm.rank == 0:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        for sub in (MODELS, EVALS, RETRAIN):
-            (run_dir / sub).mkdir(parents=True)
-        write_text_atomic(run_dir / CONFIG, dump(cfg))
-        write_text_atomic(run_dir / PROGRESS, json.dumps(
-            {"done": [], "config_hash": config_hash(cfg), "tasks": tasks(cfg)}, indent=1) + "\n")
-    comm.barrier()
-    return Run(cfg, run_dir, comm).run()
+    try:
+        if comm.rank == 0:
+            for sub in (MODELS, EVALS, RETRAIN):
+                (run_dir / sub).mkdir(parents=True)
+            write_text_atomic(run_dir / CONFIG, dump(cfg))
+            write_text_atomic(run_dir / PROGRESS, json.dumps(
+                {"done": [], "config_hash": config_hash(cfg), "tasks": tasks(cfg)}, indent=1) + "\n")
+        comm.barrier()
+        run = Run(cfg, run_dir, comm)
+        run.after_commit = rep.committed if rep is not None else None
+        code = run.run()
+    except BaseException:
+        if rep is not None:
+            rep.failed()
+        raise
+    if rep is not None:
+        rep.committed()
+    return code
 
 
 def load_surrogate_config(path: str | Path) -> SurrogateConfig:

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +60,7 @@ from pipeline.runtime import (
     rank_logger,
     tune_allocator,
 )
-from pipeline.storage import OutputError, write_bytes_atomic, write_text_atomic
+from pipeline.storage import OutputError, Replacing, write_bytes_atomic, write_text_atomic
 
 EXIT_DONE, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 2, 3
 CONFIG, PROGRESS, CHECKPOINTS, LOGS = "config.yaml", "progress.json", "checkpoints", "logs"
@@ -421,6 +420,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int, size: int) -> None:
         self.cfg, self.run_dir, self.rank, self.size = cfg, run_dir, rank, size
+        # rank 0: called after the first checkpoint's commit (the run it replaces goes then)
+        self.after_commit: Any = None
         if cfg.batch_size % size:
             raise ConfigError(f"batch_size: {cfg.batch_size} does not split evenly over {size} "
                               "processes (each must hold the same number of windows)")
@@ -515,6 +516,9 @@ class Trainer:
             write_text_atomic(self.run_dir / PROGRESS, json.dumps(
                 {"step": st.step, "epoch": epoch, "batch_in_epoch": b, "steps": self.cfg.steps},
                 indent=1))
+            if self.after_commit is not None:
+                self.after_commit()
+                self.after_commit = None
             for k in checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
                 (self.run_dir / CHECKPOINTS / f"step-{k:08d}.pt").unlink(missing_ok=True)
             loss_plot(self.run_dir)
@@ -690,24 +694,39 @@ def start(cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False,
     run_dir = Path(run_dir)
     rank, size = _setup(cfg)
     err: BaseException | None = None
-    trainer = None
+    trainer = rep = None
     try:
         if rank == 0 and run_dir.exists() and not overwrite:
             raise OutputError(f"{run_dir}: exists (use --overwrite or `scoreda train --resume`)")
         trainer = Trainer(cfg, run_dir, rank, size)
+        if rank == 0:
+            rep = Replacing(run_dir)  # an earlier run stays until this one commits
     except (ConfigError, OutputError, ValueError) as exc:
         err = exc
     _agree_error(size, err)
     assert trainer is not None
-    if rank == 0:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        write_text_atomic(run_dir / CONFIG, dump(cfg))
-    trainer._barrier()
-    trainer.open_log()
-    st = trainer.fresh()
-    return trainer.run(st, until)
+    trainer.after_commit = rep.committed if rep is not None else None
+    try:
+        if rank == 0:
+            run_dir.mkdir(parents=True)
+            write_text_atomic(run_dir / CONFIG, dump(cfg))
+        trainer._barrier()
+        trainer.open_log()
+        st = None
+        try:  # the normaliser reads the first trajectories: a damaged store shows here
+            st = trainer.fresh()
+        except (OSError, ValueError, KeyError) as exc:
+            err = OutputError(f"{cfg.store}: cannot read the training data ({exc})")
+        _agree_error(size, err)
+        assert st is not None
+        code = trainer.run(st, until)
+    except BaseException:
+        if rep is not None:
+            rep.failed()
+        raise
+    if rep is not None:
+        rep.committed()
+    return code
 
 
 def resume(run_dir: str | Path, until: int | None = None, steps: int | None = None) -> int:

@@ -368,6 +368,39 @@ def test_a_non_finite_truth_is_named(tmp_path, capsys):
     assert json.loads((run / cp.PROGRESS).read_text())["cycles_done"] == 0
 
 
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*"))
+            if f.is_file() and "logs" not in f.parts}
+
+
+def test_a_failed_overwrite_puts_the_earlier_run_back(tmp_path, capsys):
+    """--overwrite moves the earlier run aside until the new one commits its first cycle: a truth
+    that fails its spin-up or a first cycle that diverges leaves the earlier run as it was."""
+    cfg = make_cfg("letkf", cycles=3, burn_in=0)
+    run = tmp_path / "run"
+    assert in_process(cfg, run) == cp.EXIT_DONE
+    before = _tree(run)
+    bad = {"spinup": dict(model={"name": "lorenz96", "size": 40, "params": {"F": 16.0},
+                                 "dt": 0.2}, truth_spinup=50),
+           "cycle 0": dict(blowup=1.0)}
+    for what, over in bad.items():
+        conf = write_cfg(tmp_path / "bad.yaml", make_cfg("letkf", cycles=3, burn_in=0, **over))
+        assert main(["campaign", "run", str(conf), "--run-dir", str(run), "--overwrite"]) == 1
+        assert ("truth_spinup" if what == "spinup" else "cycle 0: member") in capsys.readouterr().err
+        assert _tree(run) == before, what
+        assert not (tmp_path / ".run.replaced").exists()
+    # a replacement that commits a cycle removes the earlier run
+    conf = write_cfg(tmp_path / "new.yaml", make_cfg("letkf", cycles=2, burn_in=0, seed=4))
+    assert main(["campaign", "run", str(conf), "--run-dir", str(run), "--overwrite"]) == 0
+    assert json.loads((run / cp.PROGRESS).read_text())["cycles"] == 2
+    assert not (tmp_path / ".run.replaced").exists()
+    # one killed between the two (its aside left behind) is refused, naming where the old run is
+    (tmp_path / ".run.replaced").mkdir()
+    assert main(["campaign", "run", str(conf), "--run-dir", str(run), "--overwrite"]) == 2
+    assert "an earlier replacement of it was interrupted" in capsys.readouterr().err
+    assert json.loads((run / cp.PROGRESS).read_text())["cycles_done"] == 2
+
+
 def test_status_and_report(tmp_path, capsys):
     cfg = make_cfg("ensf-gaussian", cycles=8)
     run = tmp_path / "run"

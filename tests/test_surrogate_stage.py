@@ -274,6 +274,33 @@ def test_training_data_from_a_store(tmp_path, l96_store):
     assert json.loads((tmp_path / "run" / su.METRICS).read_text())["iterations"][0]["long_horizon"]
 
 
+def test_a_damaged_store_leaves_runs_as_they_were(tmp_path, reference, l96_store, capsys):
+    """A shard that fails its checksum is named in one line; --overwrite puts the earlier run
+    back untouched, and a new run directory is not left half-made."""
+    import shutil
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(l96_store["fixed"], bad)
+    shard = next(f for f in sorted((bad / "x" / "c").rglob("*")) if f.is_file())
+    shard.write_bytes(shard.read_bytes()[:100])
+    data = json.loads(json.dumps(TINY))
+    data["data"] = {**TINY["data"], "frames": 60, "store": str(bad)}
+    conf = write_cfg(tmp_path / "s.yaml", data)
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+
+    def tree() -> dict[str, bytes]:
+        return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*"))
+                if f.is_file() and "logs" not in f.parts}
+
+    before = tree()
+    assert main(["surrogate", str(conf), "--run-dir", str(run), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}: cannot read x" in err[0], err
+    assert tree() == before and not (tmp_path / ".run.replaced").exists()
+    assert main(["surrogate", str(conf), "--run-dir", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("change,needle", [
     ({"store": "prior"}, "theta.mode prior"),
     ({"frames": 90}, "data.frames asks for 90"),

@@ -244,6 +244,30 @@ def test_existing_run_dir_and_corrupt_checkpoint(tmp_path, store, capsys):
     assert "nope" in msg
 
 
+def test_a_damaged_store_leaves_runs_as_they_were(tmp_path, store, capsys):
+    """A shard that fails its checksum is named in one line; with --overwrite the earlier run is
+    put back untouched, and a new run directory is not left half-made."""
+    import shutil
+    cfg = make_cfg(store, steps=4)
+    run = tmp_path / "run"
+    assert in_process(tr.start, cfg, run) == tr.EXIT_DONE
+    before = {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*"))
+              if f.is_file() and "logs" not in f.parts}
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(store, bad)
+    # the first trajectories' shard: the normaliser reads it before any step
+    shard = next(f for f in sorted((bad / "x" / "c").rglob("*")) if f.is_file())
+    shard.write_bytes(shard.read_bytes()[:100])
+    conf = write_cfg(tmp_path / "t.yaml", cfg)
+    msg = _err(capsys, ["train", str(conf), "--run-dir", str(run), "--overwrite", "--store", str(bad)])
+    assert f"{bad}: cannot read the training data" in msg
+    after = {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*"))
+             if f.is_file() and "logs" not in f.parts}
+    assert after == before and not (tmp_path / ".run.replaced").exists()
+    msg = _err(capsys, ["train", str(conf), "--run-dir", str(tmp_path / "new"), "--store", str(bad)])
+    assert "cannot read the training data" in msg and not (tmp_path / "new").exists()
+
+
 def test_theta_noise_shared_draws_one_noise_per_window(tmp_path, store, capsys, monkeypatch):
     """`theta_noise: shared` draws one θ noise per window (the W copies equal; t and the state
     noise untouched by the choice), `per_frame` (the default) W draws. The model spec records
