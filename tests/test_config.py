@@ -86,6 +86,14 @@ def test_malformed_config_rejected(tmp_path, desc, text, expected):
     assert expected in msg, f"{desc}: {msg!r} does not contain {expected!r}"
 
 
+def test_binary_file_named(tmp_path):
+    """A netCDF file or checkpoint passed where a config goes (arguments swapped)."""
+    path = tmp_path / "a.nc"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"a.nc: not a YAML config \(not UTF-8 text\)$"):
+        load_config(path)
+
+
 def test_missing_file_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
