@@ -742,6 +742,9 @@ def resume(run_dir: str | Path, until: int | None = None, steps: int | None = No
     st = trainer = None
     try:
         prog = read_progress(run_dir)
+        if steps is not None and steps < int(prog["step"]):
+            raise ConfigError(f"--steps: {steps} is below step {int(prog['step'])}, where "
+                              f"{run_dir} has its last checkpoint")
         trainer = Trainer(cfg, run_dir, rank, size)
         st = trainer.restore(int(prog["step"])) if int(prog["step"]) > 0 else trainer.fresh()
     except (ConfigError, OutputError, ValueError) as exc:
@@ -786,8 +789,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def _cmd(args: argparse.Namespace) -> int:
     tune_allocator()
     if args.resume:
-        if args.config or args.run_dir:
-            raise ConfigError("--resume takes the run directory alone (no config, no --run-dir)")
+        if args.config or args.run_dir or args.store or args.overwrite:
+            raise ConfigError("--resume takes the run directory alone (no config, --run-dir, "
+                              "--store or --overwrite; --steps and --until may change)")
         return resume(args.resume, args.until, args.steps)
     if not args.config or not args.run_dir:
         raise ConfigError("train needs CONFIG and --run-dir (or --resume RUN_DIR)")

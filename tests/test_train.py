@@ -235,6 +235,13 @@ def test_existing_run_dir_and_corrupt_checkpoint(tmp_path, store, capsys):
     conf = write_cfg(tmp_path / "t.yaml", cfg)
     msg = _err(capsys, ["train", str(conf), "--run-dir", str(tmp_path / "run")])
     assert "exists" in msg
+    # --resume refuses what it would ignore, and a total below the checkpoint's step
+    msg = _err(capsys, ["train", "--resume", str(tmp_path / "run"), "--store", str(store)])
+    assert "--resume takes the run directory alone" in msg
+    conf_before = (tmp_path / "run" / tr.CONFIG).read_bytes()
+    msg = _err(capsys, ["train", "--resume", str(tmp_path / "run"), "--steps", "2"])
+    assert "--steps: 2 is below step 4" in msg
+    assert (tmp_path / "run" / tr.CONFIG).read_bytes() == conf_before
     ck = tmp_path / "run" / tr.CHECKPOINTS / "step-00000004.pt"
     before = ck.read_bytes()
     ck.write_bytes(before[: len(before) // 2])
