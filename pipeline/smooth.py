@@ -107,6 +107,16 @@ class Problem:
         if src.param_names != self.spec["params"] or src.names != self.spec["variables"]:
             raise ConfigError(f"store: {tcfg.store} does not hold the variables/parameters the "
                               f"model was trained on ({self.spec['variables']}, {self.spec['params']})")
+        held = (src.model_name, list(src.spatial))
+        trained = (self.spec["model"], list(self.spec["spatial"]))
+        if held != trained:
+            raise ConfigError(f"store: {tcfg.store} holds {held[0]} on a {held[1]} grid; the "
+                              f"model was trained on {trained[0]} on {trained[1]}")
+        dt_frames = self.spec.get("dt_frames")
+        if dt_frames is not None and not math.isclose(src.dt_frames, dt_frames, rel_tol=1e-9):
+            raise ConfigError(f"store: {tcfg.store} saves a frame every {src.dt_frames:g} time "
+                              f"units; the model was trained on frames {dt_frames:g} "
+                              "apart")
         w = self.spec["window"]
         if cfg.length < w:
             raise ConfigError(f"length: {cfg.length} is shorter than the model window {w}")

@@ -219,6 +219,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, model_run, capsys, c
     assert not (tmp_path / "out").exists()
 
 
+def test_a_store_of_another_grid_is_refused(tmp_path, model_run, make_l96_store, capsys):
+    """The variables match (Lorenz-96's x) but not the size the model was trained on."""
+    store = make_l96_store(tmp_path / "l96_12.zarr", 12, 16, 32)
+    conf = tmp_path / "bad.yaml"
+    conf.write_text(yaml.safe_dump({**make_cfg(model_run).model_dump(mode="json"),
+                                    "store": str(store)}))
+    assert main(["smooth", str(conf), "--out", str(tmp_path / "out")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln]
+    assert len(lines) == 1 and "holds lorenz96 on a [12] grid; the model was trained on " \
+        "lorenz96 on [20]" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_is_kept(tmp_path, model_run, capsys):
     out = tmp_path / "out"
     out.mkdir()
