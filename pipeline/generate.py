@@ -469,6 +469,8 @@ def verify(path: str | Path, samples: int = 3, seed: int | None = None) -> Verif
     with their markers.
     """
     path = Path(path)
+    if samples < 1:
+        raise ConfigError(f"--samples: {samples}; verify recomputes at least one trajectory")
     cfg = st.store_config(path)
     model = cfg.model.build()
     lay = st.layout(cfg, model)
@@ -490,6 +492,11 @@ def verify(path: str | Path, samples: int = 3, seed: int | None = None) -> Verif
     finally:
         torch.set_num_threads(threads)
         ds.close()
+    # a marker that cannot be read makes its shard count as unfinished (generate redoes it):
+    # a finding here, where nothing else would show it
+    for name in st.unreadable_markers(path):
+        bad.append(f"{st.PROGRESS}/{name}: unreadable shard marker (the shard counts as "
+                   "unfinished; `scoreda generate` redoes it)")
     return VerifyResult(chosen, bad, status.shards_done, status.shards_total)
 
 

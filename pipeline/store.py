@@ -199,19 +199,29 @@ def write_marker(store: Path, b: int, c: int, sums: dict[str, str], extra: dict[
 
 def finished_shards(store: Path) -> dict[tuple[int, int], dict[str, Any]]:
     """Markers of the finished shards, by ``(block, time_block)``."""
+    return _read_markers(store)[0]
+
+
+def unreadable_markers(store: Path) -> list[str]:
+    """Names of the shard markers that :func:`finished_shards` skips as unreadable."""
+    return _read_markers(store)[1]
+
+
+def _read_markers(store: Path) -> tuple[dict[tuple[int, int], dict[str, Any]], list[str]]:
     out: dict[tuple[int, int], dict[str, Any]] = {}
+    bad: list[str] = []
     d = store / PROGRESS
     if not d.is_dir():
-        return out
-    for p in d.iterdir():
+        return out, bad
+    for p in sorted(d.iterdir()):
         m = _MARKER.match(p.name)
         if m is None:
             continue
         try:
             out[(int(m.group(1)), int(m.group(2)))] = json.loads(p.read_text())
         except (OSError, ValueError):
-            continue  # unreadable marker: treat the shard as unfinished and redo it
-    return out
+            bad.append(p.name)  # unreadable marker: the shard counts as unfinished, redone
+    return out, bad
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,6 +467,8 @@ def parse_select(items: Iterable[str]) -> dict[str, Any]:
             i = parts[0]
             out[dim] = slice(i, None if i == -1 else i + 1)  # keep the dim
         elif len(parts) <= 3:
+            if len(parts) == 3 and parts[2] is not None and parts[2] < 1:
+                raise ConfigError(f"--select: {item!r}: STEP must be positive")
             out[dim] = slice(*parts)
         else:
             raise ConfigError(f"--select: {item!r}: expected START:STOP[:STEP]")
@@ -479,16 +491,28 @@ def export_netcdf(path: str | Path, out: str | Path, select: Iterable[str] = (),
     unknown = [d for d in sel if d not in ds.dims]
     if unknown:
         raise ConfigError(f"--select: unknown dim {unknown[0]!r} (dims: {', '.join(map(str, ds.dims))})")
+    full = dict(ds.sizes)
     if split is not None:
         ds = ds.isel(trajectory=np.flatnonzero(ds["split"].values == SPLIT_NAMES.index(split)))
     ds = ds.isel(sel)
+    for d in (*sel, *(("trajectory",) if split is not None else ())):
+        if ds.sizes[d] == 0:
+            raise ConfigError(f"--select: selects no {d} of the store's {full[d]}"
+                              + (f" ({split} split)" if d == "trajectory" and split else ""))
     lay = layout(cfg)
+    absent = [a.name for a in lay.arrays if a.name not in ds.data_vars]
+    if absent:
+        raise OutputError(f"{path}: variable {absent[0]!r} is missing from the store")
     done = {j for b in st.complete_blocks for j in lay.block_trajectories(b)}
     missing = [int(j) for j in ds["trajectory"].values if int(j) not in done]
     if missing:
         raise OutputError(f"{path}: trajectory {missing[0]} (and {len(missing) - 1} more of the "
                           "selection) is not finished; run scoreda generate again to finish it")
-    ds = ds.load()
+    try:
+        ds = ds.load()
+    except (OSError, ValueError, KeyError) as exc:  # a damaged chunk: checksum, truncation
+        raise OutputError(f"{path}: cannot read the selection ({exc}); `scoreda verify` "
+                          "checks the shards") from None
     for v in ds.variables.values():
         v.encoding = {}  # drop the Zarr codecs; write_dataset sets netCDF4 compression
     ds.attrs["source"] = f"exported from {path.resolve()}"

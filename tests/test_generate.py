@@ -465,6 +465,16 @@ def test_export_netcdf_and_verify_detects_corruption(tmp_path, capsys, client):
     assert main(["export", str(out), "--netcdf", str(test), "--select", "split=test"]) == 0
     assert main(["export", str(out), "--netcdf", str(test), "--select", "foo=1:2"]) == 2
     capsys.readouterr()
+    # selections that are empty or malformed are refused, writing nothing
+    empty = tmp_path / "empty.nc"
+    for select, needle in (("trajectory=5:2", "selects no trajectory of the store's"),
+                           ("time=100:200", "selects no time of the store's"),
+                           ("time=0:10:-1", "STEP must be positive"),
+                           ("time=0:10:0", "STEP must be positive")):
+        assert main(["export", str(out), "--netcdf", str(empty), "--select", select]) == 2
+        assert needle in _one_line_error(capsys) and not empty.exists()
+    assert main(["verify", str(out), "--samples", "0"]) == 2
+    assert "--samples: 0" in _one_line_error(capsys)
 
     assert main(["verify", str(out), "--samples", "6"]) == 0
     assert "bit-identical" in capsys.readouterr().out
@@ -478,11 +488,23 @@ def test_export_netcdf_and_verify_detects_corruption(tmp_path, capsys, client):
     assert main(["verify", str(out), "--samples", "6"]) == 1
     text = capsys.readouterr().out
     assert "MISMATCH trajectory 0: x at frames 0:4" in text and "checksum differs" in text
+    # a damaged chunk is named by export in one line; a garbled marker is a verify finding
+    chunk = next(f for f in sorted((out / "x" / "c").rglob("*")) if f.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    assert main(["export", str(out), "--netcdf", str(tmp_path / "d.nc")]) == 2
+    assert "cannot read the selection" in _one_line_error(capsys)
 
     # an unfinished store refuses to export the unfinished part
     (st.marker_path(out, 2, 1)).unlink()
     assert main(["export", str(out), "--netcdf", str(tmp_path / "all.nc")]) == 2
     assert "trajectory 4" in _one_line_error(capsys)
+    st.marker_path(out, 1, 0).write_text("{not json")
+    assert main(["verify", str(out), "--samples", "1", "--seed", "5"]) == 1
+    assert "_progress/shard-000001-0000.json: unreadable shard marker" in capsys.readouterr().out
+    import shutil
+    shutil.rmtree(out / "x")
+    assert main(["export", str(out), "--netcdf", str(tmp_path / "nox.nc")]) == 2
+    assert "variable 'x' is missing from the store" in _one_line_error(capsys)
 
 
 def test_example_configs_validate():
