@@ -415,7 +415,11 @@ class _StoreWriter:
     def __init__(self, path: Path) -> None:
         import zarr
 
-        self.group = zarr.open_group(path, mode="r+", zarr_format=3)
+        try:
+            self.group = zarr.open_group(path, mode="r+", zarr_format=3)
+        except (OSError, ValueError, KeyError) as exc:  # missing, or a damaged zarr.json
+            raise OutputError(f"{path}: cannot open the campaign store "
+                              f"({type(exc).__name__}: {exc})") from None
         self.arrays: dict[str, Any] = {}
         self.names = set(self.group.array_keys())
 
@@ -437,10 +441,14 @@ def open_run(run_dir: str | Path, committed_only: bool = True):  # -> xr.Dataset
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     prog = read_progress(run_dir)
-    ds = xr.open_zarr(run_dir / STORE, consolidated=False)
     done = int(prog["cycles_done"])
-    if committed_only:
-        ds = ds.isel(cycle=slice(0, done)).load()
+    try:
+        ds = xr.open_zarr(run_dir / STORE, consolidated=False)
+        if committed_only:
+            ds = ds.isel(cycle=slice(0, done)).load()
+    except (OSError, ValueError, KeyError) as exc:  # missing, or a damaged chunk or zarr.json
+        raise OutputError(f"{run_dir / STORE}: cannot read the campaign store "
+                          f"({type(exc).__name__}: {exc})") from None
     burn = min(cfg.burn_in, max(done - 1, 0))
     s = slice(burn, None)
     secs = ds["seconds"].values[s] if done else np.array([np.nan])

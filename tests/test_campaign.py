@@ -401,6 +401,28 @@ def test_a_failed_overwrite_puts_the_earlier_run_back(tmp_path, capsys):
     assert json.loads((run / cp.PROGRESS).read_text())["cycles_done"] == 2
 
 
+def test_a_missing_or_damaged_store_is_named(tmp_path, capsys, monkeypatch):
+    """resume and report of a run whose campaign.zarr is gone or garbled: one line, exit 2."""
+    import shutil
+    cfg = make_cfg("letkf", cycles=4, burn_in=0)
+    run = tmp_path / "run"
+    monkeypatch.setattr(cp.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    monkeypatch.setenv("SCOREDA_TEST_DIE_AT", "1:committed")
+    with pytest.raises(SystemExit):
+        in_process(cfg, run)
+    monkeypatch.delenv("SCOREDA_TEST_DIE_AT")
+    garbled = tmp_path / "garbled"
+    shutil.copytree(run, garbled)
+    (garbled / cp.STORE / "zarr.json").write_text("garbage")
+    shutil.rmtree(run / cp.STORE)
+    capsys.readouterr()
+    for d in (run, garbled):
+        for args in (["resume", str(d)], ["report", str(d)]):
+            assert main(["campaign", *args]) == 2, (d, args)
+            err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
+            assert len(err) == 1 and f"{d / cp.STORE}: cannot " in err[0], err
+
+
 def test_status_and_report(tmp_path, capsys):
     cfg = make_cfg("ensf-gaussian", cycles=8)
     run = tmp_path / "run"
