@@ -387,7 +387,22 @@ def _generate(cfg: GenerateConfig, path: Path, overwrite: bool, client: Any | No
     lay = st.layout(cfg, model)
     # θ and splits are cheap (no integration): the driver writes them with the metadata
     theta = theta_paths(model, cfg, range(cfg.trajectories)).numpy()
-    resumed = st.prepare(cfg, path, overwrite, theta, split_of(cfg), model)
+    resumed, rep = st.prepare(cfg, path, overwrite, theta, split_of(cfg), model)
+    try:
+        result = _fill(cfg, path, resumed, rep, client, echo, t_start, model, lay)
+    except BaseException:
+        if rep is not None:  # no shard written: the store it replaced goes back
+            rep.failed()
+        raise
+    if rep is not None:
+        rep.committed()
+    return result
+
+
+def _fill(cfg: GenerateConfig, path: Path, resumed: bool, rep: st.Replacing | None,
+          client: Any | None, echo: Any, t_start: float, model: Any,
+          lay: st.Layout) -> GenerateResult:
+    """Write the shards ``path`` does not hold yet (``rep``: committed at the first one)."""
     done = st.finished_shards(path) if resumed else {}
     todo = {b: sorted(c for c in range(lay.time_blocks) if (b, c) in done)
             for b in range(lay.blocks)}
@@ -407,7 +422,8 @@ def _generate(cfg: GenerateConfig, path: Path, overwrite: bool, client: Any | No
             client = stack.enter_context(dask_client(cfg.dask))
         result.workers = len(client.scheduler_info(n_workers=-1)["workers"])
         echo(f"generate: {result.workers} Dask workers; {_describe_dashboard(client, cfg.dask)}")
-        _run_tasks(client, cfg, path, lay, todo, result)
+        _run_tasks(client, cfg, path, lay, todo, result,
+                   None if rep is None else rep.committed)
     result.seconds = time.perf_counter() - t_start
     echo(f"generate: wrote {result.shards_written} shards ({result.bytes_written / 2**20:.1f} MiB "
          f"raw) in {result.seconds:.1f} s; {skipped} finished shards skipped")
@@ -423,7 +439,8 @@ def _generate(cfg: GenerateConfig, path: Path, overwrite: bool, client: Any | No
 
 
 def _run_tasks(client: Any, cfg: GenerateConfig, path: Path, lay: st.Layout,
-               todo: dict[int, list[int]], result: GenerateResult) -> None:
+               todo: dict[int, list[int]], result: GenerateResult,
+               first_shard: Any = None) -> None:
     from distributed import as_completed
 
     tag = st.config_hash(cfg)[:10]
@@ -435,6 +452,9 @@ def _run_tasks(client: Any, cfg: GenerateConfig, path: Path, lay: st.Layout,
             for fut in as_completed(futures):
                 r = fut.result()
                 result.shards_written += len(r["written"])
+                if first_shard is not None and r["written"]:
+                    first_shard()  # a shard of the new store is in place: the old one goes
+                    first_shard = None
                 result.solve_s += r["solve_s"]
                 result.write_s += r["write_s"]
                 result.bytes_written += r["bytes"]

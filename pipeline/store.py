@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from pipeline.config import ConfigError, GenerateConfig, dump, validate
-from pipeline.storage import OutputError, atomic_write, write_dataset, write_text_atomic
+from pipeline.storage import OutputError, Replacing, atomic_write, write_dataset, write_text_atomic
 
 PROGRESS = "_progress"
 SPLIT_NAMES = ("train", "valid", "test")
@@ -292,7 +292,7 @@ def writer_lock(path: Path) -> Iterator[Path]:
 
 
 def prepare(cfg: GenerateConfig, path: Path, overwrite: bool, theta: np.ndarray,
-            split: np.ndarray, model: Any) -> bool:
+            split: np.ndarray, model: Any) -> tuple[bool, Replacing | None]:
     """Create the store, or check that an existing one belongs to ``cfg`` (resume).
 
     Args:
@@ -300,7 +300,9 @@ def prepare(cfg: GenerateConfig, path: Path, overwrite: bool, theta: np.ndarray,
         split: ``(N,)`` int8 split index per trajectory.
 
     Returns:
-        True when an existing store is resumed, False when it was (re)created.
+        ``(resumed, replacing)``: whether an existing store is resumed, and for a (re)created
+        one what it replaces: kept aside until the first shard is written, put back if the
+        generation fails before (``Replacing``; a new store that replaced nothing stays).
     """
     if path.exists() and not overwrite:
         attrs = read_attrs(path) if (path / "zarr.json").exists() else {}
@@ -312,12 +314,16 @@ def prepare(cfg: GenerateConfig, path: Path, overwrite: bool, theta: np.ndarray,
             raise OutputError(f"{path}: was generated with a different config "
                               f"({first_difference(old, hashed_config(cfg))}); "
                               "pass --overwrite to replace it")
-        return True
+        return True, None
+    rep = Replacing(path, keep_fresh=True)
     try:
         atomic_write(path, lambda tmp: _create(cfg, tmp, theta, split, model))
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot create the store ({exc.strerror or exc})") from None
-    return False
+    except BaseException as exc:
+        rep.failed()
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: cannot create the store ({exc.strerror or exc})") from None
+        raise
+    return False, rep
 
 
 def _compressor(cfg: GenerateConfig) -> Any:

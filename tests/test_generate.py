@@ -254,6 +254,29 @@ def test_a_trajectory_past_every_refinement_stops_the_run_clearly(tmp_path, caps
     assert err[0].startswith("scoreda: error: trajectory 3 (θ = [") and "max_refinements: 0" in err[0]
 
 
+def test_a_failed_overwrite_puts_the_earlier_store_back(tmp_path, client, capsys):
+    """--overwrite keeps the earlier store aside until the new one has a shard: a config whose
+    every trajectory outruns its step leaves the earlier store as it was."""
+    out = tmp_path / "s.zarr"
+    generate(make_cfg(), out, client=client, echo=lambda s: None)
+
+    def tree() -> dict[str, bytes]:
+        return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*"))
+                if f.is_file()}
+
+    before = tree()
+    bad = make_cfg(model={"name": "lorenz96", "size": 16, "dt": 0.9}, max_refinements=0)
+    path = write_cfg(tmp_path / "g.yaml", bad)
+    assert main(["generate", str(path), "--out", str(out), "--overwrite", "--workers", "1",
+                 "--no-dashboard"]) == 1
+    assert "max_refinements: 0" in capsys.readouterr().err
+    assert tree() == before and not (tmp_path / ".s.zarr.replaced").exists()
+    assert verify(out, samples=2, seed=0).ok
+    # a replacement that writes its shards removes the earlier store
+    generate(make_cfg(seed=12), out, overwrite=True, client=client, echo=lambda s: None)
+    assert not (tmp_path / ".s.zarr.replaced").exists() and verify(out, samples=2, seed=0).ok
+
+
 def test_two_workers_repeated_no_lost_or_corrupt_shards(tmp_path, client):
     cfg = make_cfg(model={"name": "kolmogorov", "size": 16, "dt": 0.01}, trajectories=24,
                    dtype="float32", store={"grids": [16, 8]})
