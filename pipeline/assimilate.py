@@ -391,7 +391,7 @@ def refined_counts(ds: xr.Dataset) -> tuple[int, int]:
 def assimilate(cfg: AssimilateConfig, out: str | Path, overwrite: bool = False,
                plots: bool = True) -> xr.Dataset:
     """Run a twin experiment and write its dataset (and plots beside it)."""
-    out = check_output(out, overwrite)
+    out = check_output(out, overwrite, beside=("_metrics.png", "_state.png"))
     ds = Twin(cfg).run()
     write_dataset(ds, out, dump(cfg))
     if plots:

@@ -22,13 +22,22 @@ class OutputError(ValueError):
     """An output path that cannot be written (one-line message naming the path)."""
 
 
-def check_output(path: str | Path, overwrite: bool) -> Path:
-    """Validate an output path before any work is done."""
+def check_output(path: str | Path, overwrite: bool, beside: tuple[str, ...] = ()) -> Path:
+    """Validate an output path before any work is done.
+
+    ``beside``: suffixes of the files written next to it (``_metrics.png`` → ``STEM_metrics.png``);
+    its config (``STEM.config.yaml``) always is. They share the stem with any other output of
+    that stem (``a.nc`` and ``a.zarr``), so one that exists is refused without ``overwrite``.
+    """
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise OutputError(f"{path}: output must end in .nc (netCDF4) or .zarr (Zarr v3)")
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+    for f in (config_path_for(path), *(path.with_name(path.stem + b) for b in beside)):
+        if f.exists() and not overwrite:
+            raise OutputError(f"{f}: exists (beside another output of that name); pass "
+                              "--overwrite to replace it, or choose another name")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"{parent}: not a directory")
@@ -67,7 +76,9 @@ class Replacing:
     An existing ``path`` (``--overwrite``) is moved to the hidden sibling ``.NAME.replaced``.
     :meth:`committed` (the new run's first commit, or its normal end) removes it;
     :meth:`failed` (an error before that) removes the new run and puts the old one back, so a
-    replacement that fails on bad input leaves things as they were. With ``keep_fresh`` a new
+    replacement that fails on bad input leaves things as they were. After a replacement that was
+    killed before its first commit the aside is still there: the next one replaces it, and the
+    uncommitted run in ``path`` goes. With ``keep_fresh`` a new
     run that replaced nothing stays when it fails (a campaign stopped at cycle 0 can be resumed
     with another ``blowup``). Rank 0 alone calls it.
     """
@@ -76,11 +87,13 @@ class Replacing:
         self.path, self.keep_fresh = path, keep_fresh
         self.aside: Path | None = None
         self.kept = False  # the new run committed: it stays, whatever happens after
-        if path.exists() or path.is_symlink():
-            aside = path.parent / f".{path.name}.replaced"
-            if aside.exists():
-                raise OutputError(f"{path}: an earlier replacement of it was interrupted; the run "
-                                  f"it replaced is in {aside} (move or remove that first)")
+        aside = path.parent / f".{path.name}.replaced"
+        if aside.exists():
+            # an earlier replacement was killed before its first commit: ``path`` holds nothing
+            # committed (the aside goes at the first commit), the aside is what it replaced
+            _remove(path)
+            self.aside = aside
+        elif path.exists() or path.is_symlink():
             os.replace(path, aside)
             self.aside = aside
 

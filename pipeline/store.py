@@ -36,7 +36,14 @@ import numpy as np
 import yaml
 
 from pipeline.config import ConfigError, GenerateConfig, dump, validate
-from pipeline.storage import OutputError, Replacing, atomic_write, write_dataset, write_text_atomic
+from pipeline.storage import (
+    OutputError,
+    Replacing,
+    atomic_write,
+    config_path_for,
+    write_dataset,
+    write_text_atomic,
+)
 
 PROGRESS = "_progress"
 SPLIT_NAMES = ("train", "valid", "test")
@@ -487,8 +494,10 @@ def export_netcdf(path: str | Path, out: str | Path, select: Iterable[str] = (),
     path, out = Path(path), Path(out)
     if out.suffix != ".nc":
         raise OutputError(f"{out}: the export must end in .nc")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: exists; pass --overwrite to replace it")
+    if not overwrite:
+        for f in (out, config_path_for(out)):
+            if f.exists():
+                raise OutputError(f"{f}: exists; pass --overwrite to replace it")
     cfg = store_config(path)
     sel = parse_select(select)
     st = status(path, cfg)

@@ -394,11 +394,14 @@ def test_a_failed_overwrite_puts_the_earlier_run_back(tmp_path, capsys):
     assert main(["campaign", "run", str(conf), "--run-dir", str(run), "--overwrite"]) == 0
     assert json.loads((run / cp.PROGRESS).read_text())["cycles"] == 2
     assert not (tmp_path / ".run.replaced").exists()
-    # one killed between the two (its aside left behind) is refused, naming where the old run is
-    (tmp_path / ".run.replaced").mkdir()
-    assert main(["campaign", "run", str(conf), "--run-dir", str(run), "--overwrite"]) == 2
-    assert "an earlier replacement of it was interrupted" in capsys.readouterr().err
-    assert json.loads((run / cp.PROGRESS).read_text())["cycles_done"] == 2
+    # a replacement killed before its first commit leaves the earlier run aside and an
+    # uncommitted one in its place: the next replacement that fails puts the earlier one back
+    after = _tree(run)
+    os.rename(run, tmp_path / ".run.replaced")
+    (run / "debris").mkdir(parents=True)
+    conf = write_cfg(tmp_path / "bad.yaml", make_cfg("letkf", cycles=3, burn_in=0, blowup=1.0))
+    assert main(["campaign", "run", str(conf), "--run-dir", str(run), "--overwrite"]) == 1
+    assert _tree(run) == after and not (tmp_path / ".run.replaced").exists()
 
 
 def test_a_missing_or_damaged_store_is_named(tmp_path, capsys, monkeypatch):

@@ -73,6 +73,13 @@ def test_refuses_overwrite_and_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "exists" in err and str(out) in err and err.count("\n") == 1
     assert out.read_bytes() == before
+    # a.zarr would write its config over a.nc's (a.config.yaml): refused, nothing written
+    conf = (tmp_path / "a.config.yaml").read_bytes()
+    rc = main(["simulate", "lorenz96", "--size", "8", "--steps", "4", "--out",
+               str(tmp_path / "a.zarr")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a.config.yaml: exists (beside another output" in err
+    assert (tmp_path / "a.config.yaml").read_bytes() == conf and not (tmp_path / "a.zarr").exists()
     rc = main(["simulate", "lorenz96", "--param", "G=1", "--out", str(tmp_path / "b.nc")])
     err = capsys.readouterr().err
     assert rc == 2 and "model.params.G" in err and not (tmp_path / "b.nc").exists()
