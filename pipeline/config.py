@@ -46,7 +46,7 @@ _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 def _check_device(v: str) -> str:
     if not _DEVICE.match(v):
-        raise ValueError(f"must be cpu, cuda, cuda:N or mps, got {v!r}")
+        raise ValueError("must be cpu, cuda, cuda:N or mps")  # the message adds what it got
     return v
 
 
@@ -82,13 +82,25 @@ class ModelConfig(Strict):
         try:
             model = self.build()
         except (TypeError, ValueError) as exc:
-            raise _field_error(("size" if self.size is not None else "options",), str(exc)) from None
+            raise _field_error((self._culprit(),), str(exc)) from None
         # resolve defaults so that the config stored beside an output is complete
         if self.size is None:
             object.__setattr__(self, "size", default_size(self.name))
         if self.dt is None:
             object.__setattr__(self, "dt", float(model.default_dt))
         return self
+
+    def _culprit(self) -> str:
+        """Which key a failed build is blamed on: ``options`` when the model builds without them."""
+        if self.size is None or not self.options:
+            return "options" if self.size is None else "size"
+        from kernels.dynamics import get_model
+
+        try:
+            get_model(self.name, self.size)
+        except (TypeError, ValueError):
+            return "size"
+        return "options"
 
     def build(self):  # -> Dynamics (kept untyped to avoid importing torch types here)
         """Construct the model object."""
