@@ -268,6 +268,17 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 # --------------------------------------------------------------------------------------------
 # generate: trajectory stores (pipeline/generate.py, pipeline/store.py)
+def _check_uniform(p: Any, spec: PriorSpec, loc: tuple[str, ...]) -> None:
+    """A uniform prior must stay inside the parameter's domain (a draw outside it is not a
+    model the dynamics can run: a negative viscosity, say)."""
+    if spec.uniform is None:
+        return
+    lo, hi = spec.uniform
+    if not (p.lower <= lo and hi <= p.upper and (p.transform != "log" or lo > 0)):
+        raise _field_error(loc, f"{spec.uniform} leaves ({p.lower}, {p.upper})"
+                           + (" or is not positive" if p.transform == "log" else ""))
+
+
 class PriorSpec(Strict):
     """Prior of one estimated parameter: ``uniform: [lo, hi]`` in the natural space, or
     ``normal: [loc, scale]`` in the unconstrained space."""
@@ -407,13 +418,7 @@ class GenerateConfig(Strict):
                 if name not in known:
                     raise _field_error(("theta", "prior", name), f"{self.model.name} has no "
                                        f"parameter {name!r} (known: {', '.join(known)})")
-                p = known[name]
-                if spec.uniform is not None and not (p.lower <= spec.uniform[0]
-                                                     and spec.uniform[1] <= p.upper
-                                                     and (p.transform != "log" or spec.uniform[0] > 0)):
-                    raise _field_error(("theta", "prior", name, "uniform"),
-                                       f"{spec.uniform} leaves ({p.lower}, {p.upper})"
-                                       + (" or is not positive" if p.transform == "log" else ""))
+                _check_uniform(known[name], spec, ("theta", "prior", name, "uniform"))
         return self
 
 
@@ -609,10 +614,7 @@ class AssimilateConfig(Strict):
             if name not in est:
                 raise _field_error(("parameters", "prior", name),
                                    f"{name!r} is not in parameters.estimate")
-            p = known[name]
-            if spec.uniform is not None and p.transform == "log" and spec.uniform[0] <= 0:
-                raise _field_error(("parameters", "prior", name, "uniform"),
-                                   f"{name} is positive; lower bound {spec.uniform[0]} must be > 0")
+            _check_uniform(known[name], spec, ("parameters", "prior", name, "uniform"))
         try:
             from kernels.observe import make_operator
 

@@ -171,6 +171,8 @@ def test_cli_writes_dataset_and_plot(tmp_path, capsys):
     ({"parameters": {"estimate": ["G"]}}, "parameters.estimate.0"),
     ({"parameters": {"estimate": ["F"], "prior": {"F": {"uniform": [3, 2]}}}},
      "parameters.prior.F.uniform"),
+    ({"parameters": {"estimate": ["F"], "prior": {"F": {"uniform": [-100, 500]}}}},
+     "parameters.prior.F.uniform: [-100.0, 500.0] leaves ("),
     ({"observation": {"kind": "coarse_pool", "options": {"factor": 7}}}, "observation.options"),
     ({"observation": {"sigma": 0}}, "observation.sigma"),
     ({"burn_in": 40}, "burn_in"),
