@@ -559,7 +559,8 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         dask_over["dashboard"] = None
     if dask_over:
         data["dask"] = {**(data.get("dask") or {}), **dask_over}
-    cfg = validate(data, GenerateConfig, str(path))
+    over = dask_over or args.out is not None
+    cfg = validate(data, GenerateConfig, f"{path} (command line)" if over else str(path))
     assert isinstance(cfg, GenerateConfig)
     return cfg
 
