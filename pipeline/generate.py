@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import logging
 import os
 import random
 import sys
@@ -322,8 +323,11 @@ def dask_client(dcfg: DaskConfig) -> Iterator[Any]:
     workers = dcfg.workers or max(1, (os.cpu_count() or 1) // dcfg.threads_per_worker)
     dash = _dashboard_options(dcfg)
     # LocalCluster turns the dashboard on for any address; the scheduler keywords override it
+    # a failed task is raised again here with its message (the CLI's one line): the workers'
+    # own "Compute Failed" tracebacks would only repeat it on stderr
     with LocalCluster(n_workers=workers, threads_per_worker=dcfg.threads_per_worker,
                       processes=True, memory_limit=dcfg.memory_limit,
+                      silence_logs=logging.CRITICAL,
                       dashboard_address=dash["dashboard_address"] if dash["dashboard"] else None,
                       scheduler_kwargs=dash) as cluster, \
             Client(cluster) as client:
