@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5, help="timed repeats per entry (min is kept)")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
 
-    d = sub.add_parser("demo", help="the main job on one machine: simulate and plot")
+    d = sub.add_parser("demo", help="the main job on one machine: every stage, small (make demo)")
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
 
     # stages that live in their own modules register their sub-commands themselves

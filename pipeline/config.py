@@ -71,7 +71,9 @@ class ModelConfig(Strict):
                 raise _field_error(("params", key), f"{self.name} has no parameter {key!r} "
                                    f"(known: {', '.join(known)})")
             p = known[key]
-            if not (p.lower < value < p.upper) or (p.transform == "log" and value <= 0):
+            if p.transform == "log" and value <= 0:  # its lower bound is the smallest float
+                raise _field_error(("params", key), f"{value} is not positive")
+            if not (p.lower < value < p.upper):
                 raise _field_error(("params", key), f"{value} is outside ({p.lower}, {p.upper})")
         sig = inspect.signature(cls.__init__)
         allowed = {n for n, q in sig.parameters.items() if q.kind is q.KEYWORD_ONLY}
@@ -346,7 +348,8 @@ class SplitConfig(Strict):
 
 
 class DaskConfig(Strict):
-    """Where the work runs; none of it changes the stored numbers (not part of the config hash)."""
+    """Where the work runs. Only ``threads_per_worker`` changes the stored numbers (torch's
+    thread count moves the last bits), so it alone is part of the config hash."""
 
     workers: PosInt | None = None
     threads_per_worker: PosInt = 1

@@ -59,7 +59,7 @@ BAD = [
     ("non-positive log param", """\
         stage: simulate
         model: {name: kolmogorov, size: 16, params: {viscosity: -0.1}}
-        """, "model.params.viscosity:"),
+        """, "model.params.viscosity: -0.1 is not positive"),
     ("unknown model option", GOOD.replace("params: {F: 8}", "params: {F: 8}\n  options: {wavy: 1}"),
      "model.options.wavy:"),
     ("steps not multiple of save_every", GOOD.replace("steps: 10", "steps: 11"), "steps:"),
