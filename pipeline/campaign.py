@@ -944,9 +944,9 @@ def start(cfg: CampaignConfig, run_dir: str | Path, overwrite: bool = False,
             raise OutputError(f"{run_dir}: exists; {hint}pass --overwrite to replace it")
         if run_dir.exists() and not run_dir.is_dir():
             raise OutputError(f"{run_dir}: exists and is not a directory")
-        rep.append(Replacing(run_dir, keep_fresh=True))  # an earlier run stays until a commit
         try:
-            run_dir.mkdir(parents=True)
+            rep.append(Replacing(run_dir, overwrite, keep_fresh=True))  # kept until a commit
+            run_dir.mkdir(parents=True, exist_ok=True)  # without --overwrite it may be empty
             write_text_atomic(run_dir / CONFIG, dump(cfg))
             _create_store(cfg, Twin(cfg), run_dir / STORE, obs)
             rec = {"cycles_done": 0, "checkpoint": 0, "cycles": cfg.cycles,

@@ -83,11 +83,13 @@ class Replacing:
     with another ``blowup``). Rank 0 alone calls it.
     """
 
-    def __init__(self, path: Path, keep_fresh: bool = False) -> None:
+    def __init__(self, path: Path, overwrite: bool, keep_fresh: bool = False) -> None:
         self.path, self.keep_fresh = path, keep_fresh
         self.aside: Path | None = None
         self.kept = False  # the new run committed: it stays, whatever happens after
         aside = path.parent / f".{path.name}.replaced"
+        if not overwrite:  # nothing is replaced (the caller refused an existing path)
+            return
         if aside.exists():
             # an earlier replacement was killed before its first commit: ``path`` holds nothing
             # committed (the aside goes at the first commit), the aside is what it replaced

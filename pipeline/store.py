@@ -322,7 +322,7 @@ def prepare(cfg: GenerateConfig, path: Path, overwrite: bool, theta: np.ndarray,
                               f"({first_difference(old, hashed_config(cfg))}); "
                               "pass --overwrite to replace it")
         return True, None
-    rep = Replacing(path, keep_fresh=True)
+    rep = Replacing(path, overwrite, keep_fresh=True)
     try:
         atomic_write(path, lambda tmp: _create(cfg, tmp, theta, split, model))
     except BaseException as exc:

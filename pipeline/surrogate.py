@@ -878,9 +878,9 @@ def start(cfg: SurrogateConfig, run_dir: str | Path, overwrite: bool = False) ->
     rep = None
     if comm.rank == 0 and err is None:
         try:
-            rep = Replacing(run_dir)  # an earlier run stays until this one commits a task
-        except OutputError as exc:
-            err = exc
+            rep = Replacing(run_dir, overwrite)  # an earlier run stays until it commits a task
+        except OSError as exc:
+            err = OutputError(f"{run_dir}: cannot set the earlier run aside ({exc})")
     comm.agree_error(err)
     try:
         if comm.rank == 0:

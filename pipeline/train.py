@@ -699,12 +699,16 @@ def start(cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False,
         if rank == 0 and run_dir.exists() and not overwrite:
             raise OutputError(f"{run_dir}: exists (use --overwrite or `scoreda train --resume`)")
         trainer = Trainer(cfg, run_dir, rank, size)
-        if rank == 0:
-            rep = Replacing(run_dir)  # an earlier run stays until this one commits
     except (ConfigError, OutputError, ValueError) as exc:
         err = exc
     _agree_error(size, err)
     assert trainer is not None
+    if rank == 0:
+        try:
+            rep = Replacing(run_dir, overwrite)  # an earlier run stays until this one commits
+        except OSError as exc:
+            err = OutputError(f"{run_dir}: cannot set the earlier run aside ({exc})")
+    _agree_error(size, err)
     trainer.after_commit = rep.committed if rep is not None else None
     try:
         if rank == 0:

@@ -65,6 +65,46 @@ def test_simulate_param_prior_and_override(tmp_path):
         assert len(np.unique(ds["theta_tau"].values)) == 4
 
 
+def test_replacing_keeps_the_earlier_run_until_the_new_one_commits(tmp_path):
+    from pipeline.storage import Replacing
+
+    run, aside = tmp_path / "run", tmp_path / ".run.replaced"
+
+    def make(d: Path, text: str) -> None:
+        d.mkdir()
+        (d / "f").write_text(text)
+
+    make(run, "old")
+    rep = Replacing(run, overwrite=True)
+    assert not run.exists() and (aside / "f").read_text() == "old"
+    make(run, "new")
+    rep.failed()  # before a commit: the new run goes, the old one is back
+    assert (run / "f").read_text() == "old" and not aside.exists()
+    rep = Replacing(run, overwrite=True)
+    make(run, "new")
+    rep.committed()
+    rep.failed()  # after a commit the new run stays
+    assert (run / "f").read_text() == "new" and not aside.exists()
+    # killed before its commit: the next replacement takes the aside as the run it replaces
+    # (the uncommitted one goes); without overwrite the aside is never touched
+    run.rename(aside)
+    make(run, "killed")
+    rep = Replacing(run, overwrite=True)
+    assert not run.exists() and (aside / "f").read_text() == "new"
+    rep.failed()
+    assert (run / "f").read_text() == "new"
+    fresh = tmp_path / "fresh"
+    (tmp_path / ".fresh.replaced").mkdir()
+    rep = Replacing(fresh, overwrite=False)
+    make(fresh, "x")
+    rep.committed()
+    assert (tmp_path / ".fresh.replaced").exists()
+    rep = Replacing(tmp_path / "other", overwrite=False, keep_fresh=True)
+    make(tmp_path / "other", "y")
+    rep.failed()  # a fresh run kept on failure (a campaign at cycle 0 can be resumed)
+    assert (tmp_path / "other" / "f").exists()
+
+
 def test_refuses_overwrite_and_bad_input(tmp_path, capsys):
     out = tmp_path / "a.nc"
     assert main(["simulate", "lorenz96", "--size", "8", "--steps", "2", "--out", str(out)]) == 0
