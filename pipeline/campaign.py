@@ -934,6 +934,7 @@ def start(cfg: CampaignConfig, run_dir: str | Path, overwrite: bool = False,
     obs = agree(comm, lambda: load_observations(cfg, _n_obs(cfg)), _ERRORS)
     # so is the trained model of method sda (shape, θ, frame spacing against the campaign)
     sda = agree(comm, lambda: load_window_filter(cfg), _ERRORS)
+    agree(comm, lambda: check_ranks(cfg, sda, comm.Get_size()), _ERRORS)
 
     def create() -> None:
         if comm.Get_rank() != 0:
@@ -1010,6 +1011,7 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
             assert cfg.filter.sda is not None
             raise OutputError(f"{cfg.filter.sda.model}: the SDA model differs from the one the "
                               f"run in {run_dir} started with; refusing to resume")
+        check_ranks(cfg, sda, comm.Get_size())
         return cfg, prog, obs, sda
 
     cfg, prog, obs, sda = agree(comm, check, _ERRORS)
@@ -1041,6 +1043,17 @@ def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any 
     prog = {**prog, "resumed": int(prog.get("resumed", 0)) + 1}
     # cycles between the checkpoint and the last commit are redone: same numbers, same regions
     return camp.run(st, prog)
+
+
+def check_ranks(cfg: CampaignConfig, sda: WindowFilter | None, size: int) -> None:
+    """Refuse more ranks than there are members to split (whole sampler blocks for SDA): a rank
+    without members would stop in its first collective while the others wait for it."""
+    units = cfg.members if sda is None else -(-cfg.members // sda.batch)
+    if size > units:
+        what = (f"{cfg.members} members" if sda is None else
+                f"{cfg.members} members in {units} sampler blocks of filter.sda.batch {sda.batch}")
+        raise ConfigError(f"members: {what} cannot be split over {size} ranks; run on at most "
+                          f"{units}")
 
 
 def load_window_filter(cfg: CampaignConfig) -> WindowFilter | None:

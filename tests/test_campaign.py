@@ -426,6 +426,21 @@ def test_a_missing_or_damaged_store_is_named(tmp_path, capsys, monkeypatch):
             assert len(err) == 1 and f"{d / cp.STORE}: cannot " in err[0], err
 
 
+@pytest.mark.mpi
+@needs_mpi
+def test_more_ranks_than_members_is_refused_not_hung(tmp_path):
+    """A rank without members used to fail alone while the others waited for it forever."""
+    conf = write_cfg(tmp_path / "c.yaml", make_cfg("ensf-gaussian", members=3, cycles=2, burn_in=0))
+    run = tmp_path / "run"
+    r = run_cli(["run", str(conf), "--run-dir", str(run)], 4, timeout=90)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "members: 3 members cannot be split over 4 ranks; run on at most 3" in r.stderr
+    assert not run.exists()
+    assert run_cli(["run", str(conf), "--run-dir", str(run)], 2, timeout=90).returncode == 0
+    r = run_cli(["resume", str(run)], 4, timeout=90)
+    assert r.returncode == 2 and "cannot be split over 4 ranks" in r.stderr, r.stderr[-2000:]
+
+
 def test_status_and_report(tmp_path, capsys):
     cfg = make_cfg("ensf-gaussian", cycles=8)
     run = tmp_path / "run"
