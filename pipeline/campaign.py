@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import hashlib
 import io
 import json
@@ -678,8 +679,9 @@ class Campaign:
         tm = tm if tm is not None else _Split()
         k = st.cycles_done
         d = _ckpt_dir(self.run_dir, k)
-        if self.rank == 0:
-            with tm("io"):
+
+        def head() -> None:
+            if self.rank == 0:
                 # a dir left by an uncommitted attempt (maybe with another R) starts afresh
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir(parents=True)
@@ -687,16 +689,21 @@ class Campaign:
                 if st.y_window is not None:
                     obj["y_window"] = st.y_window.detach().cpu()
                 _save_tensors(d / "truth.pt", obj)
-        with tm("comm"):
-            self.comm.Barrier()
-        if len(self.members):
-            a, b = self.members.start, self.members.stop - 1
-            obj = {"ensemble": st.ensemble.detach().cpu().contiguous(),
-                   "theta": st.theta.detach().cpu().contiguous(),
-                   "members": torch.tensor([a, b])}
-            _die_at(k - 1, "checkpoint", self.rank)
-            with tm("io"):
+
+        def mine() -> None:
+            if len(self.members):
+                a, b = self.members.start, self.members.stop - 1
+                obj = {"ensemble": st.ensemble.detach().cpu().contiguous(),
+                       "theta": st.theta.detach().cpu().contiguous(),
+                       "members": torch.tensor([a, b])}
+                _die_at(k - 1, "checkpoint", self.rank)
                 _save_tensors(d / f"members-{a:06d}-{b:06d}.pt", obj)
+
+        # each part agreed (the first one also orders rank 0's directory before the others'
+        # files): a rank that cannot write stops every rank, naming the checkpoint
+        with tm("io"):
+            agree(self.comm, _writing(d, "the checkpoint", head), _ERRORS)
+            agree(self.comm, _writing(d, "the checkpoint", mine), _ERRORS)
 
     def _prune(self, keep_upto: int) -> None:
         """Keep the newest ``keep_checkpoints`` checkpoints at or below ``keep_upto``."""
@@ -861,8 +868,9 @@ class Campaign:
                     st = _Slice(truth, ens_a_mine, th_new, c + 1, y_window)
                 seconds = time.perf_counter() - t0
                 # -- commit ------------------------------------------------------------------
-                with tm("io"):
-                    self._write_cycle(w, c, rec, theta_rows, seconds, refined)
+                write = functools.partial(self._write_cycle, w, c, rec, theta_rows, seconds, refined)
+                with tm("io"):  # agreed: a rank whose write fails must not leave the others waiting
+                    agree(comm, _writing(self.run_dir / STORE, f"cycle {c}", write), _ERRORS)
                 _die_at(c, "store", self.rank)
                 due = (c + 1) % cfg.checkpoint_every == 0 or c + 1 == cfg.cycles
                 if due:
@@ -898,11 +906,15 @@ class Campaign:
                     stop_now = comm.allreduce(1 if stop.requested else 0, op=_max())
                 if self.rank == 0:
                     # the timing split of a committed cycle: written after its commit (a kill
-                    # here leaves NaN, which only means "not recorded"); not itself timed
+                    # here leaves NaN, which only means "not recorded"); not itself timed. A
+                    # failed write is logged: the next cycle's agreed write reports the store
                     wall = time.perf_counter() - t0
-                    for phase in PHASES:
-                        w(f"seconds_{phase}", c, tm.s[phase])
-                    w("seconds_wall", c, wall)
+                    try:
+                        for phase in PHASES:
+                            w(f"seconds_{phase}", c, tm.s[phase])
+                        w("seconds_wall", c, wall)
+                    except (OSError, ValueError, KeyError) as exc:
+                        self.log.warning("cycle %d: timing split not recorded (%s)", c, exc)
                 if stop_now and c + 1 < cfg.cycles:
                     self.log.info("stop signal (%s): exiting after committed cycle %d",
                                   stop.signal or "on another rank", c)
@@ -914,6 +926,19 @@ class Campaign:
                     return EXIT_STOPPED
         self.log.info("finished %d cycles", cfg.cycles)
         return EXIT_DONE
+
+
+def _writing(where: Path, what: str, fn: Any) -> Any:
+    """``fn`` with a failed write (file system, zarr) turned into one line naming ``where``."""
+    def run() -> Any:
+        try:
+            return fn()
+        except (OSError, ValueError, KeyError) as exc:
+            if isinstance(exc, (ConfigError, OutputError)):
+                raise
+            raise OutputError(f"{where}: cannot write {what} ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return run
 
 
 def _max() -> Any:

@@ -441,6 +441,23 @@ def test_more_ranks_than_members_is_refused_not_hung(tmp_path):
     assert r.returncode == 2 and "cannot be split over 4 ranks" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.mpi
+@needs_mpi
+def test_a_write_that_fails_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1's θ rows of cycle 1 cannot be written (a directory where the chunk goes): every
+    rank stops with one line naming the store, instead of rank 0 waiting in the commit."""
+    conf = write_cfg(tmp_path / "c.yaml", make_cfg("letkf", cycles=4, burn_in=0))
+    run = tmp_path / "run"
+    r = run_cli(["run", str(conf), "--run-dir", str(run)], 2,
+                env={"SCOREDA_TEST_DIE_AT": "1:forecast"}, timeout=90)
+    assert r.returncode != 0 and json.loads((run / cp.PROGRESS).read_text())["cycles_done"] == 1
+    (run / cp.STORE / "theta_particles" / "c" / "1" / "6" / "0").mkdir(parents=True)
+    r = run_cli(["resume", str(run)], 2, timeout=90)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{run / cp.STORE}: cannot write cycle 1 (IsADirectoryError" in r.stderr, r.stderr[-2000:]
+    assert json.loads((run / cp.PROGRESS).read_text())["cycles_done"] == 1
+
+
 def test_status_and_report(tmp_path, capsys):
     cfg = make_cfg("ensf-gaussian", cycles=8)
     run = tmp_path / "run"
