@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -548,16 +549,28 @@ def _commit(part: Path, i: int, state: torch.Tensor, theta: torch.Tensor) -> Non
     write_bytes_atomic(_sample_file(part, i), buf.getvalue())
 
 
-def _load(part: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(_sample_file(part, i)) as f:
-        return f["state"], f["theta"]
+def _load(part: Path, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Committed sample ``i``, or None when its file is missing or damaged (it is drawn again:
+    its numbers depend on its index alone)."""
+    import zipfile
+
+    path = _sample_file(part, i)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as f:
+            return f["state"], f["theta"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        print(f"smooth: {path} is damaged; drawing sample {i} again", file=sys.stderr, flush=True)
+        return None
 
 
 def _draw(p: Problem, mine: range, part: Path) -> tuple[list[Any], int, str]:
     """This rank's samples ``mine``: the committed ones read back, the rest drawn in batches and
     committed. Returns ``(state, theta)`` pairs in index order, how many were drawn, and why it
     ended early: "" (it did not), "stopped" (a signal) or "non-finite" (that batch is dropped)."""
-    have = {i: _load(part, i) for i in mine if _sample_file(part, i).exists()}
+    loaded = {i: _load(part, i) for i in mine}
+    have = {i: v for i, v in loaded.items() if v is not None}
     todo = [i for i in mine if i not in have]
     bs = p.cfg.batch or max(len(todo), 1)
     drawn, why = 0, ""

@@ -333,6 +333,19 @@ def test_a_stopped_run_resumes_to_the_samples_of_an_uninterrupted_one(tmp_path, 
     met = sm.smooth(cfg, out)
     assert calls == [[0, 1], [2, 3], [4, 5]] and not part.exists()
     assert met["samples_drawn"] == 4 and met["samples_resumed"] == 2
+    # committed samples whose files are damaged are drawn again (an unreadable one stopped its
+    # rank, and under MPI the others waited): the same numbers, from their index
+    calls.clear()
+    with pytest.raises(sm.SmoothStopped):
+        sm.smooth(cfg, out, overwrite=True)
+    f0, f1 = sm._sample_file(part, 0), sm._sample_file(part, 1)
+    f0.write_bytes(f0.read_bytes()[:50])
+    f1.write_bytes(b"not a zip")
+    sm.smooth(cfg, out, overwrite=True)
+    assert calls == [[0, 1], [0, 1], [2, 3], [4, 5]]
+    with (xr.open_zarr(out / sm.STORE, consolidated=False) as c,
+          xr.open_zarr(tmp_path / "whole" / sm.STORE, consolidated=False) as w):
+        np.testing.assert_array_equal(c["x"].values, w["x"].values)
     a, b = (xr.open_zarr(d / sm.STORE, consolidated=False) for d in (tmp_path / "whole", out))
     np.testing.assert_array_equal(b["x"].values, a["x"].values)
     np.testing.assert_array_equal(b["theta"].values, a["theta"].values)
