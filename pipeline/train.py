@@ -293,8 +293,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Wi
     if path.is_dir():
         path = path / MODEL
     obj = _load(path)
-    den = build_denoiser(obj["spec"])
-    den.load_state_dict(obj["ema"])
+    try:
+        den = build_denoiser(obj["spec"])
+        den.load_state_dict(obj["ema"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a spec or weights that do not fit
+        raise OutputError(f"{path}: not a model this version can build ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    bad = [k for k, v in den.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:  # a run that diverged, or a damaged file: every sample would be NaN
+        raise OutputError(f"{path}: non-finite weights ({bad[0]}"
+                          + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + ")")
     return den.to(device).eval(), obj["spec"]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 import yaml
 
@@ -230,6 +231,32 @@ def test_a_store_of_another_grid_is_refused(tmp_path, model_run, make_l96_store,
     assert len(lines) == 1 and "holds lorenz96 on a [12] grid; the model was trained on " \
         "lorenz96 on [20]" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("bogus_weights", "not a model this version can build (RuntimeError"),
+    ("no_window", "not a model this version can build (KeyError: 'window')"),
+    ("nan_weights", "non-finite weights"),
+])
+def test_a_damaged_model_is_named(tmp_path, model_run, capsys, damage, needle):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(model_run, run)
+    obj = torch.load(run / "model.pt", weights_only=True)
+    if damage == "bogus_weights":
+        obj["ema"] = {"bogus": torch.zeros(1)}
+    elif damage == "no_window":
+        obj["spec"] = {k: v for k, v in obj["spec"].items() if k != "window"}
+    else:
+        obj["ema"] = {k: v * float("nan") if v.is_floating_point() else v
+                      for k, v in obj["ema"].items()}
+    torch.save(obj, run / "model.pt")
+    conf = tmp_path / "s.yaml"
+    conf.write_text(yaml.safe_dump(make_cfg(run).model_dump(mode="json")))
+    assert main(["smooth", str(conf), "--out", str(tmp_path / "out")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln]
+    assert len(lines) == 1 and f"{run / 'model.pt'}: {needle}" in lines[0], lines
+    assert not (tmp_path / "out").exists() and not sm.partial_dir(tmp_path / "out").exists()
 
 
 def test_existing_output_is_kept(tmp_path, model_run, capsys):
