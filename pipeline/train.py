@@ -99,7 +99,14 @@ class WindowSource:
         if grid not in lay.grids:
             raise ConfigError(f"grid: the store has grids {list(lay.grids)}, not {grid}")
         specs = [a for a in lay.arrays if a.grid == grid]
-        self.arrays = [zarr.open_array(store / a.name, mode="r") for a in specs]
+        def read(name: str) -> Any:
+            try:
+                return zarr.open_array(store / name, mode="r")
+            except (OSError, ValueError, KeyError) as exc:  # missing or damaged metadata
+                raise OutputError(f"{store}: cannot open {name} ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+        self.arrays = [read(a.name) for a in specs]
         self.names = [a.name for a in specs]
         self.model_name, self.grid, self.model_cfg = gcfg.model.name, grid, gcfg.model
         self.theta_mode = gcfg.theta.mode
@@ -107,7 +114,7 @@ class WindowSource:
         self.frames, self.chunk_frames = gcfg.frames, gcfg.store.chunk_frames
         self.dt_frames = gcfg.model.dt * gcfg.save_every
         self.window = cfg.window
-        theta = torch.from_numpy(np.asarray(zarr.open_array(store / "theta", mode="r")[:]))
+        theta = torch.from_numpy(np.asarray(read("theta")[:]))
         self.theta_natural = theta.to(torch.float64)  # (T, F, P_all), every parameter
         u = model.to_unconstrained(self.theta_natural)  # (T, F, P_all)
         names = list(model.param_names)
@@ -121,7 +128,7 @@ class WindowSource:
                                   f"(has {names})")
             self.param_names = list(cfg.params)
         self.theta_u = u[..., [names.index(p) for p in self.param_names]].to(torch.float32)
-        split_codes = np.asarray(zarr.open_array(store / "split", mode="r")[:])
+        split_codes = np.asarray(read("split")[:])
         trajs = np.nonzero(split_codes == SPLITS[split])[0]
         per = self.frames - cfg.window + 1
         if per < 1:

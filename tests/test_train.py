@@ -273,6 +273,9 @@ def test_a_damaged_store_leaves_runs_as_they_were(tmp_path, store, capsys):
     assert after == before and not (tmp_path / ".run.replaced").exists()
     msg = _err(capsys, ["train", str(conf), "--run-dir", str(tmp_path / "new"), "--store", str(bad)])
     assert "cannot read the training data" in msg and not (tmp_path / "new").exists()
+    (bad / "x" / "zarr.json").write_text("{")  # damaged metadata: named before any reading
+    msg = _err(capsys, ["train", str(conf), "--run-dir", str(tmp_path / "new"), "--store", str(bad)])
+    assert f"{bad}: cannot open x (JSONDecodeError" in msg and not (tmp_path / "new").exists()
 
 
 def test_theta_noise_shared_draws_one_noise_per_window(tmp_path, store, capsys, monkeypatch):
