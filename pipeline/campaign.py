@@ -284,7 +284,10 @@ def read_observations(spec: ObservationFileConfig, row_dim: str, rows: int, m: i
             if sv.dims not in ((), ("obs",)) or (sv.dims == ("obs",) and sv.shape[0] != m):
                 raise ConfigError(f"{path}: {sname} has dims {sv.dims} and shape {sv.shape}; "
                                   f"expected a scalar or ('obs',) of {m}")
-            arr = np.asarray(sv.values, dtype=np.float64)
+            try:
+                arr = np.asarray(sv.values, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path}: {sname} is not numeric (dtype {sv.dtype})") from None
             sigma = float(arr) if arr.ndim == 0 else arr
         elif sname in da.attrs or sname in ds.attrs:
             raw = da.attrs.get(sname, ds.attrs.get(sname))

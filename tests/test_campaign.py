@@ -574,6 +574,7 @@ BAD_FILES = {
             "NaN/inf value(s) in the 4 cycles used (first in cycle 0)"),
     "sigma": (_obs_dataset(sigma=(("obs",), np.r_[np.ones(19), 0.0])), "sigma must be positive"),
     "sigma-attr": (_obs_dataset().assign_attrs(sigma="loud"), "is not a number"),
+    "sigma-text": (_obs_dataset(sigma=((), "abc")), "sigma is not numeric"),
 }
 
 
