@@ -550,12 +550,17 @@ def _load_checkpoint(run_dir: Path, k: int, members: range, twin: Twin,
         if a > nxt:
             break
         obj = _load_tensors(p)
-        e, t = obj.get("ensemble"), obj.get("theta")
+        e, t, held = obj.get("ensemble"), obj.get("theta"), obj.get("members")
         n = b - a + 1
         if not (isinstance(e, torch.Tensor) and isinstance(t, torch.Tensor)
                 and tuple(e.shape) == (n, *shape) and t.shape[0] == n
                 and t.shape[1] == len(twin.model.param_names)):
             raise OutputError(f"{p}: corrupt checkpoint (ensemble/theta of unexpected shape)")
+        # the name is where the file says its rows are; the file itself records which they are
+        if not (isinstance(held, torch.Tensor) and held.tolist() == [a, b]):
+            raise OutputError(f"{p}: corrupt checkpoint (it holds members "
+                              f"{held.tolist() if isinstance(held, torch.Tensor) else '?'}, "
+                              f"not [{a}, {b}] as its name says)")
         lo, hi = nxt - a, min(b + 1, members.stop) - a
         ens.append(e[lo:hi])
         th.append(t[lo:hi])

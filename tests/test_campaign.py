@@ -320,7 +320,7 @@ def test_incompatible_config_and_existing_dir_refused(tmp_path, capsys):
     assert "no such run directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "mislabelled"])
 def test_corrupt_checkpoint_names_the_file(tmp_path, capsys, damage):
     cfg = make_cfg("letkf", cycles=6, burn_in=0)
     run = tmp_path / "run"
@@ -333,6 +333,10 @@ def test_corrupt_checkpoint_names_the_file(tmp_path, capsys, damage):
         f.write_bytes(f.read_bytes()[:200])
     elif damage == "garbage":
         f.write_bytes(b"not a checkpoint at all" * 10)
+    elif damage == "mislabelled":  # another run's rows under this name (files swapped by hand)
+        obj = torch.load(f, weights_only=True)
+        f.write_bytes(b"")
+        torch.save({**obj, "members": torch.tensor([8, 15])}, f)
     else:
         f.unlink()
     assert main(["campaign", "resume", str(run)]) == 2
@@ -340,6 +344,8 @@ def test_corrupt_checkpoint_names_the_file(tmp_path, capsys, damage):
     assert err.count("\n") == 1
     if damage == "delete":
         assert "incomplete checkpoint" in err and str(cp._ckpt_dir(run, 5)) in err
+    elif damage == "mislabelled":
+        assert str(f) in err and "holds members [8, 15], not [0, 7] as its name says" in err
     else:
         assert str(f) in err and "corrupt or truncated" in err
 
