@@ -327,9 +327,15 @@ def read_progress(run_dir: Path) -> dict[str, Any]:
         raise OutputError(f"{path}: missing; not a campaign run directory") from None
     except (OSError, ValueError) as exc:
         raise OutputError(f"{path}: unreadable progress record ({exc})") from None
+    if not isinstance(rec, dict):
+        raise OutputError(f"{path}: unreadable progress record (not a JSON object)")
     for key in ("cycles_done", "checkpoint", "config_hash"):
         if key not in rec:
             raise OutputError(f"{path}: progress record lacks {key!r}")
+    done, ck = rec["cycles_done"], rec["checkpoint"]
+    if not (type(done) is int and type(ck) is int and 0 <= ck <= done):
+        raise OutputError(f"{path}: damaged progress record (cycles_done {done!r}, checkpoint "
+                          f"{ck!r}: whole numbers with 0 <= checkpoint <= cycles_done)")
     return rec
 
 

@@ -430,6 +430,13 @@ def test_a_missing_or_damaged_store_is_named(tmp_path, capsys, monkeypatch):
             assert main(["campaign", *args]) == 2, (d, args)
             err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
             assert len(err) == 1 and f"{d / cp.STORE}: cannot " in err[0], err
+    # a progress record edited by hand: refused in one line, whatever the value
+    prog = json.loads((garbled / cp.PROGRESS).read_text())
+    for bad in ({"cycles_done": "five"}, {"cycles_done": -4}, {"checkpoint": 9}):
+        (garbled / cp.PROGRESS).write_text(json.dumps({**prog, **bad}))
+        assert main(["campaign", "resume", str(garbled)]) == 2, bad
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
+        assert len(err) == 1 and "damaged progress record" in err[0], err
 
 
 @pytest.mark.mpi
