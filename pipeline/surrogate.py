@@ -166,9 +166,31 @@ def model_path(run_dir: Path, k: int) -> Path:
 def load_surrogate(path: str | Path) -> tuple[Surrogate, dict[str, Any]]:
     """A saved surrogate (``models/iter-KK.pt``) in eval mode and its record."""
     obj = _load(Path(path))
-    net = build_surrogate(**obj["spec"])
-    net.load_state_dict(obj["state"])
+    try:
+        net = build_surrogate(**obj["spec"])
+        net.load_state_dict(obj["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # spec or weights do not fit
+        raise OutputError(f"{path}: not a surrogate this version can build "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+                          ) from None
     return net.eval(), obj
+
+
+def check_committed(run_dir: Path, done: list[str]) -> None:
+    """Refuse a resume whose committed tasks' outputs cannot be read back (found now, not after
+    the remaining tasks have run): the models of train/retrain, the JSON of evaluate/retrain."""
+    for task in done:
+        kind, _, k = task.partition(":")
+        if kind in ("train", "retrain"):
+            load_surrogate(model_path(run_dir, int(k)))
+        sub = {"evaluate": EVALS, "retrain": RETRAIN}.get(kind)
+        if sub is not None:
+            path = run_dir / sub / f"iter-{int(k):02d}.json"
+            try:
+                json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise OutputError(f"{path}: unreadable record of committed task {task} "
+                                  f"({type(exc).__name__})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -922,6 +944,7 @@ def resume(run_dir: str | Path) -> int:
         # the file as written, not its re-validation: that would gain the keys added since
         if rec["config_hash"] != config_hash(load_yaml(run_dir / CONFIG)):
             raise OutputError(f"{run_dir / CONFIG}: changed since the run started")
+        check_committed(run_dir, list(rec["done"]))
     except OutputError as exc:
         err = exc
     comm.agree_error(err)

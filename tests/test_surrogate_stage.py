@@ -274,6 +274,25 @@ def test_training_data_from_a_store(tmp_path, l96_store):
     assert json.loads((tmp_path / "run" / su.METRICS).read_text())["iterations"][0]["long_horizon"]
 
 
+def test_resume_names_a_damaged_committed_output(tmp_path, reference, capsys):
+    """Found at the start, not after the remaining tasks ran (a report that crashed at the end)."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    f = run / su.EVALS / "iter-00.json"
+    f.write_text("{")
+    assert main(["surrogate", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{f}: unreadable record of committed task evaluate:0" in err[0], err
+    shutil.copy(reference / su.EVALS / "iter-00.json", f)
+    m = su.model_path(run, 1)
+    obj = torch.load(m, weights_only=True)
+    torch.save({**obj, "spec": {k: v for k, v in obj["spec"].items() if k != "kind"}}, m)
+    assert main(["surrogate", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{m}: not a surrogate this version can build (TypeError" in err[0], err
+
+
 def test_a_damaged_store_leaves_runs_as_they_were(tmp_path, reference, l96_store, capsys):
     """A shard that fails its checksum is named in one line; --overwrite puts the earlier run
     back untouched, and a new run directory is not left half-made."""
