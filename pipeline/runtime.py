@@ -273,6 +273,7 @@ def init_distributed(device: str) -> tuple[int, int]:
         r, size = int(env["RANK"]), int(env["WORLD_SIZE"])
         if size > 1:
             dist.init_process_group(backend, init_method="env://", rank=r, world_size=size)
+            _destroy_at_exit()
         return r, size
     comm = world()
     r, size = comm.Get_rank(), comm.Get_size()
@@ -288,4 +289,20 @@ def init_distributed(device: str) -> tuple[int, int]:
             addr = f"tcp://{host}:{s.getsockname()[1]}"
     addr = comm.bcast(addr, root=0)
     dist.init_process_group(backend, init_method=addr, rank=r, world_size=size)
+    _destroy_at_exit()
     return r, size
+
+
+def _destroy_at_exit() -> None:
+    """Tear the process group down before the interpreter does: a gloo group left to static
+    destruction sometimes aborts the process ("terminate called without an active exception",
+    exit 6) after a stage has already returned its exit code."""
+    import atexit
+
+    import torch.distributed as dist
+
+    def destroy() -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(destroy)
