@@ -44,6 +44,7 @@ by SIGTERM/SIGUSR1 after committing the current cycle (resumable: requeue).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import functools
 import hashlib
@@ -1004,17 +1005,15 @@ def start(cfg: CampaignConfig, run_dir: str | Path, overwrite: bool = False,
     rep: list[Replacing] = []
     try:
         agree(comm, create, _ERRORS)
-        camp = Campaign(cfg, run_dir, comm, obs, sda)
-        camp.after_commit = rep[0].committed if rep else None
-        # a truth that fails its spin-up or a first cycle that diverges puts the old run back
-        code = camp.run(camp.initial_slice(), read_progress(run_dir))
     except BaseException:
         if rep:
             rep[0].failed()
         raise
-    if rep:
-        rep[0].committed()
-    return code
+    # a truth that fails its spin-up or a first cycle that diverges puts the old run back
+    with rep[0] if rep else contextlib.nullcontext():
+        camp = Campaign(cfg, run_dir, comm, obs, sda)
+        camp.after_commit = rep[0].committed if rep else None
+        return camp.run(camp.initial_slice(), read_progress(run_dir))
 
 
 def resume(run_dir: str | Path, config: CampaignConfig | None = None, comm: Any = None) -> int:

@@ -392,15 +392,9 @@ def _generate(cfg: GenerateConfig, path: Path, overwrite: bool, client: Any | No
     # θ and splits are cheap (no integration): the driver writes them with the metadata
     theta = theta_paths(model, cfg, range(cfg.trajectories)).numpy()
     resumed, rep = st.prepare(cfg, path, overwrite, theta, split_of(cfg), model)
-    try:
-        result = _fill(cfg, path, resumed, rep, client, echo, t_start, model, lay)
-    except BaseException:
-        if rep is not None:  # no shard written: the store it replaced goes back
-            rep.failed()
-        raise
-    if rep is not None:
-        rep.committed()
-    return result
+    # a failure before the first shard puts back the store it replaced
+    with rep if rep is not None else contextlib.nullcontext():
+        return _fill(cfg, path, resumed, rep, client, echo, t_start, model, lay)
 
 
 def _fill(cfg: GenerateConfig, path: Path, resumed: bool, rep: st.Replacing | None,

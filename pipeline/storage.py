@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import xarray as xr
 
@@ -98,6 +99,16 @@ class Replacing:
         elif path.exists() or path.is_symlink():
             os.replace(path, aside)
             self.aside = aside
+
+    def __enter__(self) -> Replacing:
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        """The new run's end: :meth:`failed` when it raised, else :meth:`committed`."""
+        if kind is not None:
+            self.failed()
+        else:
+            self.committed()
 
     def committed(self) -> None:
         self.kept = True

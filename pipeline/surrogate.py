@@ -39,6 +39,7 @@ Exit codes: 0 done, 2 bad input, 3 stopped by SIGTERM/SIGUSR1 after a commit (``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -904,7 +905,7 @@ def start(cfg: SurrogateConfig, run_dir: str | Path, overwrite: bool = False) ->
         except OSError as exc:
             err = OutputError(f"{run_dir}: cannot set the earlier run aside ({exc})")
     comm.agree_error(err)
-    try:
+    with rep if rep is not None else contextlib.nullcontext():
         if comm.rank == 0:
             for sub in (MODELS, EVALS, RETRAIN):
                 (run_dir / sub).mkdir(parents=True)
@@ -914,14 +915,7 @@ def start(cfg: SurrogateConfig, run_dir: str | Path, overwrite: bool = False) ->
         comm.barrier()
         run = Run(cfg, run_dir, comm)
         run.after_commit = rep.committed if rep is not None else None
-        code = run.run()
-    except BaseException:
-        if rep is not None:
-            rep.failed()
-        raise
-    if rep is not None:
-        rep.committed()
-    return code
+        return run.run()
 
 
 def load_surrogate_config(path: str | Path) -> SurrogateConfig:

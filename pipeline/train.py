@@ -30,6 +30,7 @@ Exit codes: 0 done, 2 bad input, 3 stopped by a signal or ``--until`` after a ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -725,7 +726,7 @@ def start(cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False,
             err = OutputError(f"{run_dir}: cannot set the earlier run aside ({exc})")
     _agree_error(size, err)
     trainer.after_commit = rep.committed if rep is not None else None
-    try:
+    with rep if rep is not None else contextlib.nullcontext():
         if rank == 0:
             run_dir.mkdir(parents=True)
             write_text_atomic(run_dir / CONFIG, dump(cfg))
@@ -738,14 +739,7 @@ def start(cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False,
             err = OutputError(f"{cfg.store}: cannot read the training data ({exc})")
         _agree_error(size, err)
         assert st is not None
-        code = trainer.run(st, until)
-    except BaseException:
-        if rep is not None:
-            rep.failed()
-        raise
-    if rep is not None:
-        rep.committed()
-    return code
+        return trainer.run(st, until)
 
 
 def resume(run_dir: str | Path, until: int | None = None, steps: int | None = None) -> int:
