@@ -79,9 +79,10 @@ class Replacing:
     :meth:`failed` (an error before that) removes the new run and puts the old one back, so a
     replacement that fails on bad input leaves things as they were. After a replacement that was
     killed before its first commit the aside is still there: the next one replaces it, and the
-    uncommitted run in ``path`` goes. With ``keep_fresh`` a new
-    run that replaced nothing stays when it fails (a campaign stopped at cycle 0 can be resumed
-    with another ``blowup``). Rank 0 alone calls it.
+    uncommitted run in ``path`` goes. With ``keep_fresh`` a new run that replaced nothing stays
+    when it fails (a campaign stopped at cycle 0 can be resumed with another ``blowup``). Rank 0
+    alone calls it; as a context manager, an exception is :meth:`failed`, the end
+    :meth:`committed`.
     """
 
     def __init__(self, path: Path, overwrite: bool, keep_fresh: bool = False) -> None:

@@ -100,6 +100,7 @@ class WindowSource:
         if grid not in lay.grids:
             raise ConfigError(f"grid: the store has grids {list(lay.grids)}, not {grid}")
         specs = [a for a in lay.arrays if a.grid == grid]
+
         def read(name: str) -> Any:
             try:
                 return zarr.open_array(store / name, mode="r")
