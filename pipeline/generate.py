@@ -557,8 +557,8 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         dask_over["dashboard"] = None
     if dask_over:
         data["dask"] = {**(data.get("dask") or {}), **dask_over}
-    over = dask_over or args.out is not None
-    cfg = validate(data, GenerateConfig, f"{path} (command line)" if over else str(path))
+    # as campaign does: with options from the command line, an error may be in one of them
+    cfg = validate(data, GenerateConfig, f"{path} (command line)" if dask_over else str(path))
     assert isinstance(cfg, GenerateConfig)
     return cfg
 
