@@ -204,8 +204,11 @@ def _stage_configs(sub: SubmitConfig, run_dir: Path, stages: list[str]) -> dict[
         spec = getattr(sub, stage)
         if stage == "bench":
             continue
-        path = resolve_config_path(spec.config)
-        data = load_yaml(path)
+        try:
+            path = resolve_config_path(spec.config)
+            data = load_yaml(path)
+        except ConfigError as exc:  # name the key that points there
+            raise ConfigError(f"{stage}.config: {exc}") from None
         if data.get("stage", stage) != stage:
             raise ConfigError(f"{stage}.config: {path} is a {data.get('stage')!r} config, not {stage!r}")
         data = dict(data, stage=stage)

@@ -415,6 +415,10 @@ def test_chain_paths_are_wired_into_the_stage_configs(tmp_path):
     bad = validate({"stage": "submit", "campaign": {"config": str(conf)}}, SubmitConfig, "x")
     with pytest.raises(ConfigError, match="filter.sda.model .* no train stage makes it"):
         _stage_configs(bad, tmp_path, ["campaign"])
+    # a stage config that does not exist is named with the key that points to it
+    missing = validate({"stage": "submit", "train": {"config": "train_nosuch"}}, SubmitConfig, "x")
+    with pytest.raises(ConfigError, match="^train.config: no example config 'train_nosuch'"):
+        _stage_configs(missing, tmp_path, ["train"])
 
 
 def test_train_gpus_and_the_config_device_must_agree(tmp_path):
