@@ -569,8 +569,7 @@ def _draw(p: Problem, mine: range, part: Path) -> tuple[list[Any], int, str]:
     """This rank's samples ``mine``: the committed ones read back, the rest drawn in batches and
     committed. Returns ``(state, theta)`` pairs in index order, how many were drawn, and why it
     ended early: "" (it did not), "stopped" (a signal) or "non-finite" (that batch is dropped)."""
-    loaded = {i: _load(part, i) for i in mine}
-    have = {i: v for i, v in loaded.items() if v is not None}
+    have = {i: v for i in mine if (v := _load(part, i)) is not None}
     todo = [i for i in mine if i not in have]
     bs = p.cfg.batch or max(len(todo), 1)
     drawn, why = 0, ""

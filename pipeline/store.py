@@ -40,7 +40,7 @@ from pipeline.storage import (
     OutputError,
     Replacing,
     atomic_write,
-    config_path_for,
+    check_output,
     write_dataset,
     write_text_atomic,
 )
@@ -494,10 +494,7 @@ def export_netcdf(path: str | Path, out: str | Path, select: Iterable[str] = (),
     path, out = Path(path), Path(out)
     if out.suffix != ".nc":
         raise OutputError(f"{out}: the export must end in .nc")
-    if not overwrite:
-        for f in (out, config_path_for(out)):
-            if f.exists():
-                raise OutputError(f"{f}: exists; pass --overwrite to replace it")
+    check_output(out, overwrite)  # the file and the config written beside it
     cfg = store_config(path)
     sel = parse_select(select)
     st = status(path, cfg)

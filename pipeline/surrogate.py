@@ -164,6 +164,11 @@ def model_path(run_dir: Path, k: int) -> Path:
     return run_dir / MODELS / f"iter-{k:02d}.pt"
 
 
+def record_path(run_dir: Path, sub: str, k: int) -> Path:
+    """The JSON record of iteration ``k`` in ``sub`` (``EVALS`` or ``RETRAIN``)."""
+    return run_dir / sub / f"iter-{k:02d}.json"
+
+
 def load_surrogate(path: str | Path) -> tuple[Surrogate, dict[str, Any]]:
     """A saved surrogate (``models/iter-KK.pt``) in eval mode and its record."""
     obj = _load(Path(path))
@@ -186,7 +191,7 @@ def check_committed(run_dir: Path, done: list[str]) -> None:
             load_surrogate(model_path(run_dir, int(k)))
         sub = {"evaluate": EVALS, "retrain": RETRAIN}.get(kind)
         if sub is not None:
-            path = run_dir / sub / f"iter-{int(k):02d}.json"
+            path = record_path(run_dir, sub, int(k))
             try:
                 json.loads(path.read_text())
             except (OSError, ValueError) as exc:
@@ -773,7 +778,7 @@ class Run:
         self.log = rank_logger(run_dir / LOGS, comm.rank, "scoreda.surrogate")
 
     def _json(self, sub: str, k: int) -> Path:
-        return self.run_dir / sub / f"iter-{k:02d}.json"
+        return record_path(self.run_dir, sub, k)
 
     def _save_model(self, net: Surrogate, k: int, losses: torch.Tensor) -> None:
         if self.comm.rank == 0:
